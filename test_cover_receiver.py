@@ -1,0 +1,1401 @@
+"""cover_receiver, specified as tests.
+
+Everything here runs against real things on loopback: a fake CDN whose answers
+each test scripts, a fake record-info API, the receiver in-process (through its
+seams: resolver, client TLS context, clock) or as a subprocess where process
+behaviour matters (kill -9, SIGTERM, systemd). No mocked network or filesystem.
+"""
+
+import base64
+import contextlib
+import dataclasses
+import http.client
+import http.server
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import cover_receiver as cr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "cover_receiver.py")
+SEED_TASK = "21aee3c3c2a01fa5e030b3799fa4dd56"
+SEED_IMAGES = ["https://tempfile.aiquickdraw.com/s/1753958521_6c1b3015141849d1a9bf17b738ce9347.png",
+               "https://tempfile.aiquickdraw.com/s/1753958524_c153143acc6340908431cf0e90cbce9e.png"]
+SEED_BODY = ('{"code": 200, "data": {"images": ["%s", "%s"], "taskId": "%s"}, "msg": "success"}'
+             % (SEED_IMAGES[0], SEED_IMAGES[1], SEED_TASK)).encode()
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + os.urandom(3000)
+GIF = b"GIF89a" + os.urandom(500)
+WEBP = b"RIFF\x00\x10\x00\x00WEBPVP8 " + os.urandom(700)
+WAIT = 15          # seconds: the deadline of every wait on a condition
+
+
+# ---------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------
+
+def payload(task_id="t1", images=("http://127.0.0.1/a.png",), code=200, msg="success"):
+    """A callback body as the vendor sends it."""
+    return {"code": code, "msg": msg,
+            "data": {"taskId": task_id, "images": list(images) if images is not None else None}}
+
+
+def signed_headers(key, task_id, timestamp=None, signature=None):
+    timestamp = str(int(time.time())) if timestamp is None else timestamp
+    return {"X-Webhook-Timestamp": timestamp,
+            "X-Webhook-Signature": signature or cr.webhook_signature(key, task_id, timestamp)}
+
+
+def post(url, body, headers=None, content_type="application/json", tls=None):
+    """POST raw bytes (or a dict as JSON); returns (status, parsed answer, headers)."""
+    parts = cr.urllib.parse.urlsplit(url)
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    conn = (http.client.HTTPSConnection(parts.hostname, parts.port, context=tls, timeout=WAIT)
+            if parts.scheme == "https" else
+            http.client.HTTPConnection(parts.hostname, parts.port, timeout=WAIT))
+    all_headers = {"Content-Type": content_type} if content_type else {}
+    all_headers.update(headers or {})
+    target = parts.path + ("?" + parts.query if parts.query else "")
+    try:
+        conn.request("POST", target, body=body, headers=all_headers)
+        response = conn.getresponse()
+        raw = response.read()
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = raw
+    return response.status, answer, response
+
+
+def get(url, method="GET"):
+    parts = cr.urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=WAIT)
+    try:
+        conn.request(method, parts.path)
+        response = conn.getresponse()
+        return response.status, response.read(), response
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout=WAIT, what="condition"):
+    """Wait on a condition with a deadline (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+def record(folder, task_id):
+    path = os.path.join(folder, task_id, "task.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def wait_status(folder, task_id, status, timeout=WAIT):
+    return wait_for(lambda: (record(folder, task_id) or {}).get("status") == status
+                    and record(folder, task_id), timeout, "%s to be %s" % (task_id, status))
+
+
+def visible_entries(folder):
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
+def read(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+# ---------------------------------------------------------------------------
+# Fakes: a scripted CDN and a scripted record-info API
+# ---------------------------------------------------------------------------
+
+class FakeCDN:
+    """Loopback HTTP(S) server. route(path, answer, ...) scripts the answers in
+    order (the last repeats); hits[path] counts requests; requests keeps headers."""
+
+    def __init__(self, tls=None):
+        self.routes, self.hits, self.requests, self.times = {}, {}, [], {}
+        self.changed = threading.Condition()
+        self.release = threading.Event()       # lets stalled answers go on
+        cdn = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                with cdn.changed:
+                    count = cdn.hits.get(path, 0)
+                    cdn.hits[path] = count + 1
+                    cdn.times.setdefault(path, []).append(time.monotonic())
+                    cdn.requests.append((path, dict(self.headers)))
+                    cdn.changed.notify_all()
+                answers = cdn.routes.get(path) or [status(404)]
+                answer = answers[min(count, len(answers) - 1)]
+                with contextlib.suppress(OSError):
+                    answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.cdn_release = self.release
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.scheme = "https" if tls else "http"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def route(self, path, *answers):
+        self.routes[path] = list(answers)
+        return self.url(path)
+
+    def url(self, path, host="127.0.0.1"):
+        return "%s://%s:%d%s" % (self.scheme, host, self.port, path)
+
+    def wait_hits(self, path, count):
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.hits.get(path, 0) >= count, WAIT), \
+                "CDN never saw %d requests for %s" % (count, path)
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ok(body, content_type="image/png", length=True):
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        if length:
+            handler.send_header("Content-Length", str(len(body)))
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        if length:
+            handler.wfile.write(body)
+        else:
+            for start in range(0, len(body), 65536):
+                piece = body[start:start + 65536]
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            handler.wfile.write(b"0\r\n\r\n")
+    return answer
+
+
+def status(code, **headers):
+    def answer(handler):
+        handler.send_response(code)
+        for name, value in headers.items():
+            handler.send_header(name.replace("_", "-"), value)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
+def redirect(location, code=302):
+    return status(code, Location=location)
+
+
+def truncated(body, cut):
+    """Promise the whole body, send part of it, then hang up."""
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:cut])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    return answer
+
+
+def stall(body, cut=16):
+    """Send headers and part of the body, then wait until cdn.release is set."""
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:cut])
+        handler.wfile.flush()
+        handler.server.cdn_release.wait(WAIT * 2)
+        handler.wfile.write(body[cut:])
+    return answer
+
+
+class FakeAPI:
+    """The record-info API on loopback: script(taskId, answer, ...) where an
+    answer is (http status, body dict or bytes, headers)."""
+
+    def __init__(self):
+        self.scripts, self.calls, self.auth = {}, {}, []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                query = cr.urllib.parse.urlsplit(self.path)
+                task_id = cr.urllib.parse.parse_qs(query.query).get("taskId", [""])[0]
+                api.auth.append(self.headers.get("Authorization"))
+                count = api.calls.get(task_id, 0)
+                api.calls[task_id] = count + 1
+                answers = api.scripts.get(task_id) or [(404, {"code": 404, "msg": "no"}, {})]
+                code, body, headers = answers[min(count, len(answers) - 1)]
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def script(self, task_id, *answers):
+        self.scripts[task_id] = list(answers)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def api_answer(task_id, flag, images=None, error_message=None):
+    return (200, {"code": 200, "msg": "success", "data": {
+        "taskId": task_id, "successFlag": flag, "response": {"images": images},
+        "errorCode": 200 if flag == 1 else (501 if flag == 3 else None),
+        "errorMessage": error_message}}, {})
+
+
+class ReceiverProcess:
+    """cover_receiver.py as a subprocess; collects its stderr lines."""
+
+    def __init__(self, args, env=None, stdin=None, command=None, **popen):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("COVER_RECEIVER_")}
+        full_env.update(env or {})
+        self.lines, self.changed = [], threading.Condition()
+        self.proc = subprocess.Popen(command or [sys.executable, SCRIPT] + args, env=full_env,
+                                     stdin=stdin, stderr=subprocess.PIPE, text=True, **popen)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)
+            self.changed.notify_all()
+
+    def wait_log(self, pattern, timeout=WAIT):
+        regex = re.compile(pattern)
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: any(line and regex.search(line) for line in self.lines)
+                or None in self.lines, timeout)
+            match = next((regex.search(l) for l in self.lines if l and regex.search(l)), None)
+        assert found and match, "no log line %r in:\n%s" % (pattern, self.text())
+        return match
+
+    def text(self):
+        with self.changed:
+            return "".join(l for l in self.lines if l)
+
+    def exit(self):
+        """Wait for the process to end and its stderr to close: (status, lines)."""
+        status = self.proc.wait(WAIT)
+        with self.changed:
+            assert self.changed.wait_for(lambda: None in self.lines, WAIT)
+        return status, self.text().strip().splitlines()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%s/suno-cover-callback" % self.wait_log(r"port=(\d+)").group(1)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(WAIT)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def cdn():
+    server = FakeCDN()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A self-signed certificate made by the openssl command line tool."""
+    folder = tmp_path_factory.mktemp("certs")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,DNS:tempfile.aiquickdraw.com,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_cdn(certs):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certs)
+    server = FakeCDN(tls=context)
+    yield server
+    server.close()
+
+
+def names_to_loopback(*names):
+    """The resolver seam: these names resolve to 127.0.0.1, IP literals to
+    themselves, nothing else resolves (no real DNS in tests)."""
+    def resolve(host, port):
+        if host in names:
+            return ["127.0.0.1"]
+        try:
+            return [str(cr.ipaddress.ip_address(host))]
+        except ValueError:
+            raise socket.gaierror("no such host in this test: %s" % host) from None
+    return resolve
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(*argv, resolver=..., **config overrides) -> a running Receiver."""
+    running = []
+
+    def start(*argv, resolver=None, client_tls=None, env=None, clock=time.time, **overrides):
+        argv = ["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "covers")] + list(argv)
+        config = cr.build_config(argv, env or {})
+        config = dataclasses.replace(config, **dict({"backoff_base": 0.01}, **overrides))
+        receiver = cr.Receiver(config, resolver=resolver or names_to_loopback(), env={},
+                               clock=clock, client_tls=client_tls)
+        receiver.start()
+        running.append(receiver)
+        receiver.dir = config.dir
+        return receiver
+    yield start
+    for receiver in running:
+        if receiver.server.socket.fileno() != -1:
+            receiver.stop()
+
+
+def allow_loopback():
+    return ("--allow-host", "127.0.0.1")
+
+
+# ---------------------------------------------------------------------------
+# 1. Command line
+# ---------------------------------------------------------------------------
+
+def test_bare_command_serves_on_3000_into_covers():
+    config = cr.build_config([], {})
+    assert (config.command, config.port, config.dir, config.path) == \
+        ("serve", 3000, "./covers", "/suno-cover-callback")
+    assert config.workers == 4 and config.attempts == 5 and config.max_image_bytes == 26214400
+
+
+def test_every_option_reads_its_env_variable_and_the_flag_wins():
+    env = {"COVER_RECEIVER_PORT": "4000", "COVER_RECEIVER_MAX_IMAGE_BYTES": "99",
+           "COVER_RECEIVER_ALLOW_HOST": "a.example, *.b.example"}
+    config = cr.build_config(["--port", "5000"], env)
+    assert config.port == 5000
+    assert config.max_image_bytes == 99
+    assert config.allow_host == ("a.example", "*.b.example")
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["--port", "x"], {}, "--port"),
+    (["--port", "70000"], {}, "--port"),
+    ([], {"COVER_RECEIVER_WORKERS": "0"}, "COVER_RECEIVER_WORKERS"),
+    (["--timeout", "-1"], {}, "--timeout"),
+    (["--path", "no-slash"], {}, "--path"),
+    (["--allow-host", "bad host!"], {}, "--allow-host"),
+    (["--tls-cert", "/nonexistent.pem"], {}, "--tls-cert"),
+    (["--no-such-option"], {}, "--no-such-option"),
+    (["status", "../etc"], {}, "TASKID"),
+])
+def test_bad_value_exits_2_with_one_line_naming_the_option(argv, env, named, capfd, tmp_path):
+    assert cr.main(argv + ["--dir", str(tmp_path)], env=env) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+
+
+def test_version_and_help(capfd):
+    assert cr.main(["--version"], env={}) == 0
+    assert cr.__version__ in capfd.readouterr().out
+    assert cr.main(["--help"], env={}) == 0
+    text = capfd.readouterr().out
+    for word in ("callBackUrl", "fetch", "status", "--allow-host", "COVER_RECEIVER_"):
+        assert word in text
+
+
+def test_status_lists_tasks_and_prints_one_record(start, cdn, capfd):
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("done1", [cdn.route("/a.png", ok(PNG))]))
+    post(receiver.url, payload("failed1", code=501, images=None, msg="nope"))
+    wait_status(receiver.dir, "done1", "done")
+    assert cr.main(["status", "--dir", receiver.dir], env={}) == 0
+    table = capfd.readouterr().out
+    assert re.search(r"done1\s+done\s+1/1", table) and re.search(r"failed1\s+failed\s+0/0", table)
+    assert cr.main(["status", "--dir", receiver.dir, "done1"], env={}) == 0
+    assert json.loads(capfd.readouterr().out)["files"] == ["cover_1.png"]
+    assert cr.main(["status", "--dir", receiver.dir, "unknown"], env={}) == 1
+
+
+# ---------------------------------------------------------------------------
+# 2. The endpoint
+# ---------------------------------------------------------------------------
+
+def test_seed_payload_is_saved_byte_exact(start, tls_cdn, certs):
+    """The vendor's own example, over HTTPS to the host named in it."""
+    first, second = PNG, JPEG
+    tls_cdn.route("/s/1753958521_6c1b3015141849d1a9bf17b738ce9347.png", ok(first))
+    tls_cdn.route("/s/1753958524_c153143acc6340908431cf0e90cbce9e.png", ok(second))
+    client_tls = ssl.create_default_context(cafile=certs[0])
+    receiver = start("--allow-host", "tempfile.aiquickdraw.com",
+                     resolver=names_to_loopback("tempfile.aiquickdraw.com"), client_tls=client_tls)
+    body = SEED_BODY.replace(b"aiquickdraw.com/", b"aiquickdraw.com:%d/" % tls_cdn.port)
+    code, answer, _ = post(receiver.url, body)
+    assert (code, answer) == (200, {"status": "received", "taskId": SEED_TASK})
+    done = wait_status(receiver.dir, SEED_TASK, "done")
+    assert done["files"] == ["cover_1.png", "cover_2.jpg"]
+    assert read(os.path.join(receiver.dir, SEED_TASK, "cover_1.png")) == first
+    assert read(os.path.join(receiver.dir, SEED_TASK, "cover_2.jpg")) == second
+    assert visible_entries(os.path.join(receiver.dir, SEED_TASK)) == \
+        ["cover_1.png", "cover_2.jpg", "task.json"]
+    for key in ("taskId", "status", "code", "msg", "images", "files", "error", "receivedAt",
+                "updatedAt"):
+        assert key in done
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", done["receivedAt"])
+
+
+BAD_CALLBACKS = [
+    ("not json", b"{nope"),
+    ("not an object", b"[1, 2]"),
+    ("no code", {"msg": "x", "data": {"taskId": "t1", "images": ["http://h/a"]}}),
+    ("code is a string", payload(code="200")),
+    ("code is a bool", {"code": True, "msg": "", "data": {"taskId": "t1", "images": []}}),
+    ("msg not a string", {"code": 200, "msg": 5, "data": {"taskId": "t1", "images": ["http://h/a"]}}),
+    ("no data", {"code": 200, "msg": "x"}),
+    ("no taskId", {"code": 200, "msg": "x", "data": {"images": ["http://h/a"]}}),
+    ("dot-dot taskId", payload(task_id="../escape")),
+    ("slash taskId", payload(task_id="a/b")),
+    ("empty taskId", payload(task_id="")),
+    ("long taskId", payload(task_id="a" * 129)),
+    ("dash-first taskId", payload(task_id="-rf")),
+    ("images null on success", payload(images=None)),
+    ("no images", payload(images=[])),
+    ("eleven images", payload(images=["http://h/%d" % i for i in range(11)])),
+    ("image not a string", payload(images=[5])),
+    ("ftp image", payload(images=["ftp://h/a.png"])),
+    ("relative image", payload(images=["/a.png"])),
+    ("long image URL", payload(images=["http://h/" + "a" * 2048])),
+    ("image URL with space", payload(images=["http://h/a b.png"])),
+    ("image URL with newline", payload(images=["http://h/a\n.png"])),
+]
+
+
+@pytest.mark.parametrize("why, body", BAD_CALLBACKS, ids=[b[0] for b in BAD_CALLBACKS])
+def test_malformed_callback_is_400_with_reason_and_touches_no_file(start, tmp_path, why, body):
+    receiver = start()
+    code, answer, _ = post(receiver.url, body)
+    assert code == 400 and answer["status"] == "error" and answer["error"]
+    assert visible_entries(receiver.dir) == []
+    assert os.listdir(os.path.join(receiver.dir, ".pending")) == []
+    assert not os.path.exists(tmp_path / "escape")
+
+
+def test_other_path_is_404_and_other_method_is_405_with_allow(start):
+    receiver = start()
+    assert get(receiver.url.replace("/suno-cover-callback", "/other"))[0] == 404
+    code, _, response = get(receiver.url)
+    assert code == 405 and response.getheader("Allow") == "POST"
+    assert get(receiver.url, method="PUT")[0] == 405
+
+
+def raw_request(url, data, read=True):
+    parts = cr.urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=WAIT) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_missing_content_length_is_411(start):
+    receiver = start()
+    answer = raw_request(receiver.url, b"POST /suno-cover-callback HTTP/1.0\r\n"
+                                       b"Content-Type: application/json\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.0 411")
+
+
+def test_body_over_max_body_bytes_is_413_before_reading_it(start):
+    receiver = start("--max-body-bytes", "100")
+    # Announce a huge body and send none of it: the answer must not wait for it.
+    answer = raw_request(receiver.url, b"POST /suno-cover-callback HTTP/1.0\r\nContent-Type: "
+                                       b"application/json\r\nContent-Length: 999999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 413")
+    assert visible_entries(receiver.dir) == []
+
+
+def test_non_json_content_type_is_415(start):
+    receiver = start()
+    code, answer, _ = post(receiver.url, payload(), content_type="text/plain")
+    assert code == 415 and answer["status"] == "error"
+    code, _, _ = post(receiver.url, payload(images=["http://127.0.0.1:9/x"]),
+                      content_type="application/json; charset=utf-8")
+    assert code == 200
+
+
+def test_503_when_the_record_cannot_be_made_durable(start):
+    receiver = start()
+    shutil.rmtree(receiver.dir)
+    with open(receiver.dir, "w") as handle:      # the folder is now a file: nothing can be written
+        handle.write("x")
+    code, answer, _ = post(receiver.url, payload())
+    assert code == 503 and "durabl" in answer["error"]
+    assert get(receiver.url.replace("/suno-cover-callback", "/healthz"))[0] == 503
+
+
+def test_healthz_reports_pending_and_last_download(start, cdn):
+    receiver = start(*allow_loopback())
+    healthz = receiver.url.replace("/suno-cover-callback", "/healthz")
+    code, body, _ = get(healthz)
+    assert code == 200 and json.loads(body)["status"] == "ok"
+    assert json.loads(body)["lastDownloadAt"] is None
+    post(receiver.url, payload("slow", [cdn.route("/s.png", stall(PNG))]))
+    cdn.wait_hits("/s.png", 1)
+    assert json.loads(get(healthz)[1])["pending"] == 1
+    cdn.release.set()
+    wait_status(receiver.dir, "slow", "done")
+    health = json.loads(get(healthz)[1])
+    assert health["pending"] == 0 and health["lastDownloadAt"].endswith("Z")
+
+
+# ---------------------------------------------------------------------------
+# 3. Durable before 200
+# ---------------------------------------------------------------------------
+
+def test_kill_9_after_200_loses_nothing_and_restart_finishes(tmp_path, cdn):
+    folder = str(tmp_path / "covers")
+    args = ["--port", "0", "--host", "127.0.0.1", "--dir", folder, "--allow-host", "127.0.0.1"]
+    first = ReceiverProcess(args)
+    url = cdn.route("/k.png", stall(PNG, cut=1000), ok(PNG))
+    code, answer, _ = post(first.url, payload("k9", [url]))
+    assert (code, answer["status"]) == (200, "received")
+    cdn.wait_hits("/k.png", 1)                     # the download is mid-body now
+    first.proc.kill()
+    first.proc.wait(WAIT)
+    pending = record(folder, "k9")
+    assert pending["status"] == "pending" and pending["images"] == [url]
+    assert not os.path.exists(os.path.join(folder, "k9", "cover_1.png"))
+    second = ReceiverProcess(args)
+    try:
+        second.wait_log(r"resume task=k9")
+        wait_status(folder, "k9", "done")
+        assert read(os.path.join(folder, "k9", "cover_1.png")) == PNG
+        assert sorted(os.listdir(os.path.join(folder, "k9"))) == ["cover_1.png", "task.json"]
+    finally:
+        assert second.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# 4. Idempotency
+# ---------------------------------------------------------------------------
+
+def test_20_concurrent_duplicates_give_one_received_and_one_download_per_image(start, cdn):
+    receiver = start(*allow_loopback())
+    body = payload("dup", [cdn.route("/1.png", ok(PNG)), cdn.route("/2.png", ok(GIF))])
+    answers, barrier = [], threading.Barrier(20)
+
+    def send():
+        barrier.wait()
+        answers.append(post(receiver.url, body)[1]["status"])
+    threads = [threading.Thread(target=send) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(answers) == ["duplicate"] * 19 + ["received"]
+    wait_status(receiver.dir, "dup", "done")
+    assert cdn.hits == {"/1.png": 1, "/2.png": 1}
+
+
+def test_done_task_is_final(start, cdn):
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("fin", [cdn.route("/f.png", ok(PNG))]))
+    wait_status(receiver.dir, "fin", "done")
+    for body in (payload("fin", [cdn.route("/other.png", ok(GIF))]),
+                 payload("fin", code=501, images=None)):
+        assert post(receiver.url, body)[1]["status"] == "duplicate"
+    assert record(receiver.dir, "fin")["status"] == "done"
+    assert cdn.hits == {"/f.png": 1}
+
+
+def test_repeated_success_callback_retries_only_the_missing_images(start, cdn):
+    receiver = start(*allow_loopback())
+    good, bad = cdn.route("/good.png", ok(PNG)), cdn.route("/bad.png", status(404), ok(JPEG))
+    post(receiver.url, payload("retry", [good, bad]))
+    failed = wait_status(receiver.dir, "retry", "failed")
+    assert failed["files"] == ["cover_1.png", None] and "HTTP 404" in failed["error"]
+    assert post(receiver.url, payload("retry", [good, bad]))[1]["status"] == "received"
+    done = wait_status(receiver.dir, "retry", "done")
+    assert done["files"] == ["cover_1.png", "cover_2.jpg"] and done["error"] is None
+    assert cdn.hits == {"/good.png": 1, "/bad.png": 2}
+
+
+def test_failure_callback_is_recorded_failed_without_download(start, cdn):
+    receiver = start(*allow_loopback())
+    code, answer, _ = post(receiver.url, payload("gen-failed", code=531, images=None,
+                                                 msg="credits refunded"))
+    assert (code, answer["status"]) == (200, "received")
+    failed = record(receiver.dir, "gen-failed")
+    assert (failed["status"], failed["code"], failed["msg"]) == ("failed", 531, "credits refunded")
+    assert failed["images"] == [] and "531" in failed["error"]
+    assert cdn.hits == {} and os.listdir(os.path.join(receiver.dir, ".pending")) == []
+
+
+def test_success_after_failure_callback_downloads(start, cdn):
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("late", code=500, images=None))
+    assert post(receiver.url, payload("late", [cdn.route("/l.png", ok(PNG))]))[1]["status"] \
+        == "received"
+    assert wait_status(receiver.dir, "late", "done")["code"] == 200
+
+
+# ---------------------------------------------------------------------------
+# 5. Downloads
+# ---------------------------------------------------------------------------
+
+def download_one(start, cdn, *answers, argv=(), **overrides):
+    """Post a one-image callback whose image answers as scripted; return the
+    finished record."""
+    receiver = start(*(allow_loopback() + tuple(argv)), **overrides)
+    post(receiver.url, payload("img", [cdn.route("/img", *answers)]))
+    return receiver, wait_for(lambda: (record(receiver.dir, "img") or {}).get("status")
+                              in ("done", "failed") and record(receiver.dir, "img"))
+
+
+def test_the_request_handler_never_waits_for_a_download(start, cdn):
+    receiver = start(*allow_loopback())
+    code, answer, _ = post(receiver.url, payload("nowait", [cdn.route("/n.png", stall(PNG))]))
+    assert (code, answer["status"]) == (200, "received")
+    assert not cdn.release.is_set()            # answered while the image is still stalled
+    cdn.release.set()
+    wait_status(receiver.dir, "nowait", "done")
+
+
+def test_5xx_is_retried_until_it_works(start, cdn):
+    receiver, done = download_one(start, cdn, status(500), status(503), ok(PNG))
+    assert done["status"] == "done" and cdn.hits["/img"] == 3
+    assert read(os.path.join(receiver.dir, "img", "cover_1.png")) == PNG
+    assert receiver.metrics.get("download_retries_total") == 2
+
+
+def test_gives_up_after_attempts(start, cdn):
+    _, failed = download_one(start, cdn, status(500), argv=("--attempts", "3"))
+    assert failed["status"] == "failed" and cdn.hits["/img"] == 3
+    assert "after 3 tries" in failed["error"]
+
+
+def test_429_retry_after_is_honoured(start, cdn):
+    _, done = download_one(start, cdn, status(429, Retry_After="1"), ok(PNG))
+    assert done["status"] == "done"
+    first, second = cdn.times["/img"]
+    assert second - first >= 0.9              # waited as told, not the 10 ms test backoff
+
+
+@pytest.mark.parametrize("answer", [status(403), status(404), status(410)])
+def test_other_4xx_is_not_retried(start, cdn, answer):
+    _, failed = download_one(start, cdn, answer, ok(PNG))
+    assert failed["status"] == "failed" and cdn.hits["/img"] == 1
+
+
+def test_html_with_200_is_refused_and_never_kept(start, cdn):
+    receiver, failed = download_one(start, cdn, ok(b"<html>login</html>" * 10, "text/html"))
+    assert failed["status"] == "failed" and "not an image" in failed["error"]
+    assert cdn.hits["/img"] == 1
+    assert visible_entries(os.path.join(receiver.dir, "img")) == ["task.json"]
+
+
+def test_truncated_body_is_retried_and_never_saved_partial(start, cdn):
+    receiver, done = download_one(start, cdn, truncated(PNG, 100), ok(PNG))
+    assert done["status"] == "done" and cdn.hits["/img"] == 2
+    assert read(os.path.join(receiver.dir, "img", "cover_1.png")) == PNG
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "chunked"])
+def test_oversized_image_is_refused_and_not_retried(start, cdn, length):
+    receiver, failed = download_one(start, cdn, ok(PNG + b"x" * 5000, length=length),
+                                    argv=("--max-image-bytes", "4096"))
+    assert failed["status"] == "failed" and "max-image-bytes" in failed["error"]
+    assert cdn.hits["/img"] == 1
+    assert [n for n in os.listdir(os.path.join(receiver.dir, "img")) if "cover" in n
+            and not n.endswith(".lock")] == []
+
+
+def test_stalled_download_times_out_and_is_retried(start, cdn):
+    receiver, done = download_one(start, cdn, stall(PNG), ok(PNG), argv=("--timeout", "0.3"))
+    assert done["status"] == "done" and cdn.hits["/img"] == 2
+    assert read(os.path.join(receiver.dir, "img", "cover_1.png")) == PNG
+
+
+@pytest.mark.parametrize("body, name", [(PNG, "cover_1.png"), (JPEG, "cover_1.jpg"),
+                                        (GIF, "cover_1.gif"), (WEBP, "cover_1.webp")])
+def test_file_extension_follows_the_detected_type(start, cdn, body, name):
+    receiver, done = download_one(start, cdn, ok(body, "application/octet-stream"))
+    assert done["files"] == [name]
+    assert read(os.path.join(receiver.dir, "img", name)) == body
+
+
+def test_user_agent_is_browser_like_and_no_credentials_go_to_the_image_host(start, cdn):
+    download_one(start, cdn, ok(PNG))
+    (_, headers), = cdn.requests
+    assert headers["User-Agent"].startswith("Mozilla/5.0") and "cover_receiver" in \
+        headers["User-Agent"] and "Python-urllib" not in headers["User-Agent"]
+    assert not {"Authorization", "Cookie"} & set(headers)
+
+
+def test_redirects_are_followed_up_to_five(start, cdn):
+    cdn.route("/r1", redirect("/r2"))
+    cdn.route("/r2", redirect(cdn.url("/final"), 307))
+    cdn.route("/final", ok(PNG))
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("redir", [cdn.url("/r1")]))
+    assert wait_status(receiver.dir, "redir", "done")
+    for n in range(7):
+        cdn.route("/loop%d" % n, redirect("/loop%d" % (n + 1)))
+    post(receiver.url, payload("loop", [cdn.url("/loop0")]))
+    assert "more than 5 redirects" in wait_status(receiver.dir, "loop", "failed")["error"]
+    assert "/loop6" not in cdn.hits
+
+
+# ---------------------------------------------------------------------------
+# 6. Download policy (SSRF)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
+    "100.64.0.1", "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255",
+    "192.0.2.1", "198.18.0.1", "::", "::1", "fe80::1", "fe80::1%eth0", "fc00::1", "fd12::1",
+    "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::ffff:10.0.0.1",
+    "2002:7f00:1::1", "64:ff9b::a9fe:a9fe", "2001:db8::1"])
+def test_non_public_addresses_are_refused(address):
+    assert not cr.is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "8.8.8.8",
+                                     "2606:4700:4700::1111", "2a00:1450:4001:80b::200e"])
+def test_public_addresses_are_allowed(address):
+    assert cr.is_public_address(address)
+
+
+def vet(url, resolver, allow=()):
+    return cr.DownloadPolicy(allow, resolver).vet(url)
+
+
+def test_default_policy_is_https_only():
+    with pytest.raises(cr.Permanent, match="only https"):
+        vet("http://93.184.216.34/a.png", names_to_loopback())
+
+
+def test_default_policy_refuses_a_name_if_any_address_is_not_public():
+    rebinding = lambda host, port: ["93.184.216.34", "127.0.0.1"]  # noqa: E731
+    with pytest.raises(cr.Permanent, match="non-public 127.0.0.1"):
+        vet("https://cdn.example/a.png", rebinding)
+
+
+def test_default_policy_keeps_the_checked_addresses_for_the_connection():
+    target = vet("https://cdn.example:8443/a.png?x=1", lambda h, p: ["93.184.216.34"])
+    assert (target.host, target.port, target.addresses, target.request_path) == \
+        ("cdn.example", 8443, ("93.184.216.34",), "/a.png?x=1")
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1/x.png", "https://169.254.169.254/latest",
+                                 "https://[::ffff:127.0.0.1]/x.png", "https://10.1.2.3/x.png",
+                                 "https://[::1]/x.png", "https://localhost/x.png"])
+def test_default_policy_refuses_internal_url_literals(url):
+    with pytest.raises(cr.Permanent, match="refused"):
+        vet(url, names_to_loopback("localhost"))
+
+
+def test_default_policy_end_to_end_never_connects_to_loopback(start, tls_cdn):
+    """A public-looking name pointed at 127.0.0.1 through the resolver seam."""
+    tls_cdn.route("/secret.png", ok(PNG))
+    receiver = start(resolver=names_to_loopback("cdn.example"))
+    post(receiver.url, payload("ssrf", [tls_cdn.url("/secret.png", host="cdn.example"),
+                                        tls_cdn.url("/secret.png")]))
+    failed = wait_status(receiver.dir, "ssrf", "failed")
+    assert failed["errors"][0].startswith("cover_1: refused") and "non-public" in failed["errors"][0]
+    assert "refused" in failed["errors"][1]
+    assert tls_cdn.hits == {}
+
+
+def test_allow_host_limits_downloads_to_those_hosts(start, cdn):
+    receiver = start("--allow-host", "*.cdn.test", "--allow-host", "exact.test",
+                     resolver=names_to_loopback("a.cdn.test", "exact.test", "cdn.test", "x.test"))
+    cdn.route("/p.png", ok(PNG))
+    post(receiver.url, payload("allowed", [cdn.url("/p.png", "a.cdn.test"),
+                                           cdn.url("/p.png", "exact.test")]))
+    assert wait_status(receiver.dir, "allowed", "done")
+    post(receiver.url, payload("denied", [cdn.url("/p.png", "cdn.test"),
+                                          cdn.url("/p.png", "x.test")]))
+    failed = wait_status(receiver.dir, "denied", "failed")
+    assert all("not in --allow-host" in e for e in failed["errors"])
+    assert cdn.hits == {"/p.png": 2}
+
+
+def test_connection_goes_to_the_resolved_address_without_a_second_lookup(start, cdn):
+    lookups = []
+
+    def resolver(host, port):
+        lookups.append(host)
+        return ["127.0.0.1"]
+    receiver = start("--allow-host", "only-in-this-test.invalid", resolver=resolver)
+    post(receiver.url, payload("pinned", [cdn.url("/p.png", "only-in-this-test.invalid")]))
+    cdn.route("/p.png", ok(PNG))
+    assert wait_status(receiver.dir, "pinned", "done")    # real DNS knows no such name
+    assert lookups == ["only-in-this-test.invalid"]
+    assert cdn.requests[0][1]["Host"] == "only-in-this-test.invalid:%d" % cdn.port
+
+
+def test_tls_still_verifies_the_host_name_on_a_pinned_connection(start, tls_cdn, certs):
+    tls_cdn.route("/x.png", ok(PNG))
+    receiver = start("--allow-host", "wrong-name.test", resolver=names_to_loopback("wrong-name.test"),
+                     client_tls=ssl.create_default_context(cafile=certs[0]))
+    post(receiver.url, payload("mitm", [tls_cdn.url("/x.png", "wrong-name.test")]))
+    assert "certificate" in wait_status(receiver.dir, "mitm", "failed")["error"]
+    assert tls_cdn.hits == {}
+
+
+def test_every_redirect_hop_is_checked_again(start, cdn):
+    cdn.route("/hop", redirect(cdn.url("/internal", "127.0.0.1")))
+    cdn.route("/internal", ok(PNG))
+    receiver = start("--allow-host", "cdn.test", resolver=names_to_loopback("cdn.test"))
+    post(receiver.url, payload("hop", [cdn.url("/hop", "cdn.test")]))
+    assert "not in --allow-host" in wait_status(receiver.dir, "hop", "failed")["error"]
+    assert cdn.hits == {"/hop": 1}
+    with pytest.raises(cr.Permanent):        # the same check in the default policy
+        vet(cr.urllib.parse.urljoin("https://cdn.example/a", "http://127.0.0.1/internal"),
+            names_to_loopback())
+
+
+# ---------------------------------------------------------------------------
+# 7. Start and stop
+# ---------------------------------------------------------------------------
+
+def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tmp_path):
+    folder = tmp_path / "covers"
+    (folder / ".pending").mkdir(parents=True)
+    (folder / "old").mkdir()
+    url = cdn.route("/old.png", ok(PNG))
+    stale = cr.new_record(cr.Callback("old", 200, "success", (url,)))
+    (folder / "old" / "task.json").write_text(json.dumps(stale))
+    (folder / "old" / ".cover_1.part").write_bytes(b"half")
+    (folder / "old" / ".task.json.dead.tmp").write_text("{")
+    (folder / ".pending" / "old").touch()
+    receiver = start(*allow_loopback())
+    assert wait_status(receiver.dir, "old", "done")["files"] == ["cover_1.png"]
+    assert sorted(os.listdir(folder / "old")) == ["cover_1.png", "task.json"]
+    assert os.listdir(folder / ".pending") == []
+
+
+def test_refuses_to_start_when_the_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = ReceiverProcess(["--host", "127.0.0.1", "--port", str(taken.getsockname()[1]),
+                                "--dir", str(tmp_path)])
+        status_code, lines = proc.exit()
+    assert status_code == 2 and len(lines) == 1 and "cannot listen" in lines[0]
+
+
+def test_refuses_to_start_when_the_dir_is_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = ReceiverProcess(["--port", "0", "--dir", str(blocker / "covers")])
+    status_code, lines = proc.exit()
+    assert status_code == 2 and len(lines) == 1 and "not writable" in lines[0]
+
+
+def test_sigterm_exits_0_and_leaves_unfinished_downloads_pending(tmp_path, cdn):
+    folder = str(tmp_path / "covers")
+    args = ["--port", "0", "--host", "127.0.0.1", "--dir", folder, "--allow-host", "127.0.0.1",
+            "--drain-seconds", "0.5"]
+    proc = ReceiverProcess(args)
+    post(proc.url, payload("term", [cdn.route("/t.png", stall(PNG), ok(PNG))]))
+    cdn.wait_hits("/t.png", 1)
+    assert proc.stop(signal.SIGTERM) == 0
+    assert record(folder, "term")["status"] == "pending"
+    assert "download-aborted task=term" in proc.text()
+    again = ReceiverProcess(args)
+    wait_status(folder, "term", "done")
+    assert again.stop(signal.SIGINT) == 0
+
+
+def test_drain_lets_a_running_download_finish(tmp_path, cdn):
+    folder = str(tmp_path / "covers")
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", folder,
+                            "--allow-host", "127.0.0.1", "--drain-seconds", "10"])
+    post(proc.url, payload("drain", [cdn.route("/d.png", stall(PNG))]))
+    cdn.wait_hits("/d.png", 1)
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.wait_log("stopping")
+    cdn.release.set()
+    assert proc.proc.wait(WAIT) == 0
+    assert record(folder, "drain")["status"] == "done"
+
+
+# ---------------------------------------------------------------------------
+# 8. Logs
+# ---------------------------------------------------------------------------
+
+def test_log_lines_name_the_task_and_escape_attacker_text(start, cdn, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("logged", code=501, images=None, msg="bad\nFORGED line\x1b[31m"))
+    post(receiver.url, payload("logged2", [cdn.route("/x", status(500), ok(PNG))]))
+    wait_status(receiver.dir, "logged2", "done")
+    messages = [r.getMessage() for r in caplog.records]
+    assert all("\n" not in m and "\x1b" not in m for m in messages)
+    assert any(m.startswith("received task=logged ") and "bad\\x0aFORGED" in m for m in messages)
+    assert any(m.startswith("retry task=logged2 image=1") and "HTTP 500" in m for m in messages)
+    assert any(re.match(r"downloaded task=logged2 image=1 bytes=%d ms=\d+" % len(PNG), m)
+               for m in messages)
+
+
+def test_escape_bounds_and_neutralises_text():
+    assert cr.escape("a\r\nb\x00\u2028") == "a\\x0d\\x0ab\\x00\\u2028"
+    assert cr.escape("x" * 500).endswith("...") and len(cr.escape("x" * 500)) == 203
+
+
+# ---------------------------------------------------------------------------
+# Issue 3: proof of origin and a hardened HTTP surface
+# ---------------------------------------------------------------------------
+
+def test_signature_known_answer():
+    """API-FACTS: key k3y, the seed taskId, timestamp 1753958521."""
+    assert cr.webhook_signature(b"k3y", SEED_TASK, "1753958521") == \
+        "hU8mWgYP2Ltd4xXF2FJ9U1gGV1fmp8USz89AXhMM1p0="
+
+
+def test_signed_callback_is_accepted_with_any_header_case(start, cdn):
+    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"})
+    body = payload("signed", [cdn.route("/s.png", ok(PNG))])
+    headers = {k.lower(): v for k, v in signed_headers(b"k3y", "signed").items()}
+    assert post(receiver.url, body, headers)[:2] == (200, {"status": "received", "taskId": "signed"})
+    wait_status(receiver.dir, "signed", "done")
+
+
+NOW = 1_800_000_000
+BAD_SIGNATURES = [
+    ("missing both", {}),
+    ("missing signature", {"X-Webhook-Timestamp": str(NOW)}),
+    ("missing timestamp", {"X-Webhook-Signature": cr.webhook_signature(b"k3y", "t1", str(NOW))}),
+    ("timestamp not an integer", signed_headers(b"k3y", "t1", "12.5")),
+    ("signature not base64", signed_headers(b"k3y", "t1", str(NOW), "%%%not-base64%%%")),
+    ("stale", signed_headers(b"k3y", "t1", str(NOW - 301))),
+    ("future", signed_headers(b"k3y", "t1", str(NOW + 301))),
+    ("wrong key", signed_headers(b"other", "t1", str(NOW))),
+    ("other task", signed_headers(b"k3y", "t2", str(NOW))),
+]
+
+
+@pytest.mark.parametrize("why, headers", BAD_SIGNATURES, ids=[b[0] for b in BAD_SIGNATURES])
+def test_bad_signature_is_401_with_no_side_effect(start, cdn, why, headers):
+    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=lambda: NOW)
+    code, answer, _ = post(receiver.url, payload("t1", [cdn.route("/a.png", ok(PNG))]), headers)
+    assert code == 401 and answer["status"] == "error" and answer["error"]
+    assert visible_entries(receiver.dir) == [] and cdn.hits == {}
+
+
+def test_signature_window_is_300_seconds_either_way(start, cdn):
+    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=lambda: NOW)
+    for n, skew in enumerate((-300, 300)):
+        body = payload("edge%d" % n, ["http://127.0.0.1:9/x"])
+        assert post(receiver.url, body, signed_headers(b"k3y", "edge%d" % n, str(NOW + skew)))[0] == 200
+
+
+def test_token_is_required_on_the_url(start, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t-token\n")            # the trailing newline is not part of it
+    receiver = start("--token-file", str(token_file))
+    for query in ("", "?token=wrong", "?token=s3cr3t-token&token=s3cr3t-token", "?tok=s3cr3t-token"):
+        assert post(receiver.url + query, payload())[0] == 401
+    assert visible_entries(receiver.dir) == []
+    assert post(receiver.url + "?token=s3cr3t-token", payload())[0] == 200
+
+
+def test_key_and_token_together_are_both_required(start):
+    receiver = start(env={"COVER_RECEIVER_HMAC_KEY": "k3y", "COVER_RECEIVER_TOKEN": "tok"})
+    body = payload("both", ["http://127.0.0.1:9/x"])
+    assert post(receiver.url + "?token=tok", body)[0] == 401
+    assert post(receiver.url, body, signed_headers(b"k3y", "both"))[0] == 401
+    assert post(receiver.url + "?token=tok", body, signed_headers(b"k3y", "both"))[0] == 200
+
+
+def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"hmac-secret-value\n")
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "c"),
+                            "--hmac-key-file", str(key_file)],
+                           env={"COVER_RECEIVER_TOKEN": "url-token-value"})
+    try:
+        base = proc.url
+        headers = signed_headers(b"hmac-secret-value", "sec")
+        answers = [post(base + "?token=url-token-value", payload("sec", ["http://127.0.0.1:9/x"]),
+                        headers),
+                   post(base + "?token=wrong-token-guess", payload("sec2"),
+                        signed_headers(b"hmac-secret-value", "sec2"))]
+        answers.append(get(base.replace("/suno-cover-callback", "/healthz")))
+        assert [a[0] for a in answers] == [200, 401, 200]
+    finally:
+        assert proc.stop() == 0
+    seen = proc.text() + repr([a[1] for a in answers])
+    for secret in ("hmac-secret-value", "url-token-value", "wrong-token-guess",
+                   headers["X-Webhook-Signature"]):
+        assert secret not in seen
+    assert "path=/suno-cover-callback status=200" in proc.text()
+
+
+def test_https_serving_and_a_failed_handshake_does_not_hurt(start, certs, cdn):
+    receiver = start(*allow_loopback(), "--tls-cert", certs[0], "--tls-key", certs[1])
+    assert receiver.url.startswith("https://")
+    # A plaintext client and a client that hangs up mid-handshake.
+    with contextlib.suppress(ConnectionResetError):
+        assert not raw_request(receiver.url, b"POST / HTTP/1.0\r\n\r\n").startswith(b"HTTP")
+    raw_request(receiver.url, b"\x16\x03\x01\x00", read=False)
+    client = ssl.create_default_context(cafile=certs[0])
+    body = payload("tls", [cdn.route("/t.png", ok(PNG))])
+    assert post(receiver.url, body, tls=client)[:2] == (200, {"status": "received", "taskId": "tls"})
+    wait_status(receiver.dir, "tls", "done")
+
+
+def test_a_stalled_client_is_cut_off_while_others_are_served(start):
+    receiver = start("--request-timeout", "1")
+    parts = cr.urllib.parse.urlsplit(receiver.url)
+    with socket.create_connection((parts.hostname, parts.port)) as slow:
+        slow.sendall(b"POST /suno-cover-callback HTTP/1.0\r\n")
+        assert post(receiver.url, payload("busy", ["http://127.0.0.1:9/x"]))[0] == 200
+        # Drip a header line every 0.3 s (each read is quick): only a deadline on
+        # the whole request can end this.
+        deadline, closed = time.monotonic() + WAIT, False
+        while not closed and time.monotonic() < deadline:
+            try:
+                slow.sendall(b"X-Drip: 1\r\n")
+                if select.select([slow], [], [], 0.3)[0]:
+                    closed = slow.recv(1024) == b""
+            except OSError:
+                closed = True
+        assert closed, "the dripping client was never cut off"
+    assert visible_entries(receiver.dir) == ["busy"]
+
+
+def test_connection_cap_answers_503_and_recovers(start):
+    receiver = start("--max-connections", "2", "--request-timeout", "30")
+    parts = cr.urllib.parse.urlsplit(receiver.url)
+    idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(2)]
+    for sock in idle:
+        sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\n")      # never finished
+    wait_for(lambda: receiver.server.slots._value == 0, what="both slots taken")
+    code, answer, response = post(receiver.url, payload("capped", ["http://127.0.0.1:9/x"]))
+    assert code == 503 and response.getheader("Retry-After") == "1"
+    for sock in idle:
+        sock.close()
+    wait_for(lambda: receiver.server.slots._value == 2, what="slots freed")
+    assert post(receiver.url, payload("capped", ["http://127.0.0.1:9/x"]))[0] == 200
+
+
+def test_garbage_request_line_is_400_and_oversized_headers_are_refused(start):
+    receiver = start()
+    assert raw_request(receiver.url, b"\x00\x01garbage\r\n\r\n").startswith(b"HTTP/1.0 400")
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    answer = raw_request(receiver.url, b"POST /suno-cover-callback HTTP/1.0\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.0 431")
+
+
+# ---------------------------------------------------------------------------
+# Issue 4: running as a service
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request, tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if request.param == "path":
+        address = str(tmp_path / "notify")
+        sock.bind(address)
+    else:
+        address = "@cover-receiver-test-%d" % os.getpid()
+        sock.bind("\0" + address[1:])
+    sock.settimeout(WAIT)
+    yield sock, address
+    sock.close()
+
+
+def receive_until(sock, word):
+    seen = []
+    while not any(word in message for message in seen):
+        seen.append(sock.recv(4096).decode())
+    return seen
+
+
+def test_sd_notify_ready_watchdog_and_stopping(notify_socket, tmp_path):
+    sock, address = notify_socket
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "c")],
+                           env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+    ready = receive_until(sock, "READY=1")
+    assert "STATUS=0 pending" in ready[-1]
+    assert any("WATCHDOG=1" in m for m in receive_until(sock, "WATCHDOG=1"))
+    proc.proc.send_signal(signal.SIGTERM)
+    receive_until(sock, "STOPPING=1")
+    assert proc.proc.wait(WAIT) == 0
+
+
+def test_no_notification_without_notify_socket():
+    notifier = cr.SystemdNotifier({})
+    assert notifier.address == "" and notifier.watchdog is None
+    notifier.send("READY=1")              # a no-op: no socket is even created
+
+
+def test_socket_activation_serves_on_fd_3(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
+               sys.executable, SCRIPT, "--port", "1", "--dir", str(tmp_path / "c")]
+    proc = ReceiverProcess([], command=command, stdin=listener.fileno())
+    listener.close()
+    try:
+        proc.wait_log("listening")
+        status_code, answer, _ = post("http://127.0.0.1:%d/suno-cover-callback" % port,
+                                      payload("sa", ["http://127.0.0.1:9/x"]))
+        assert status_code == 200 and answer["status"] == "received"
+    finally:
+        assert proc.stop() == 0
+
+
+def parse_metrics(text):
+    values, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert name.split("{")[0] in typed, "metric without # TYPE: " + line
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_counters_move_as_callbacks_arrive(start, cdn):
+    receiver = start(*allow_loopback())
+    metrics_url = receiver.url.replace("/suno-cover-callback", "/metrics")
+    code, text, response = get(metrics_url)
+    assert code == 200 and response.getheader("Content-Type").startswith("text/plain")
+    before = parse_metrics(text.decode())
+    assert before['cover_receiver_callbacks_total{outcome="received"}'] == 0
+    post(receiver.url, payload("m", [cdn.route("/m.png", status(500), ok(PNG))]))
+    post(receiver.url, payload("m", [cdn.url("/m.png")]))
+    post(receiver.url, b"nope")
+    wait_status(receiver.dir, "m", "done")
+    after = parse_metrics(get(metrics_url)[1].decode())
+    assert after['cover_receiver_callbacks_total{outcome="received"}'] == 1
+    assert after['cover_receiver_callbacks_total{outcome="duplicate"}'] == 1
+    assert after['cover_receiver_callbacks_total{outcome="bad_request"}'] == 1
+    assert after['cover_receiver_downloads_total{outcome="saved"}'] == 1
+    assert after["cover_receiver_download_retries_total"] == 1
+    assert after["cover_receiver_downloaded_bytes_total"] == len(PNG)
+    assert after["cover_receiver_tasks_pending"] == 0
+    assert after["cover_receiver_downloads_in_flight"] == 0
+    assert after["cover_receiver_process_start_time_seconds"] <= time.time()
+
+
+def hook_script(tmp_path, body):
+    script = tmp_path / "hook.sh"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_hook_runs_with_task_folder_and_environment(start, cdn, tmp_path):
+    out = tmp_path / "hook.out"
+    script = hook_script(tmp_path, 'echo "$1|$2|$COVER_TASK_ID|$COVER_TASK_STATUS|'
+                                   '${COVER_RECEIVER_TOKEN:-none}" >> %s\n' % out)
+    receiver = start(*allow_loopback(), "--on-complete", script + " 'first arg'",
+                     env={"COVER_RECEIVER_TOKEN": "tok"})
+    os.environ["COVER_RECEIVER_TOKEN"] = "tok"          # also in the process environment
+    try:
+        post(receiver.url + "?token=tok", payload("hooked", [cdn.route("/h.png", ok(PNG))]))
+        wait_status(receiver.dir, "hooked", "done")
+        wait_for(lambda: out.exists() and out.read_text())
+    finally:
+        del os.environ["COVER_RECEIVER_TOKEN"]
+    assert out.read_text() == "first arg|%s|hooked|done|none\n" % os.path.join(receiver.dir, "hooked")
+
+
+def test_failing_and_slow_hooks_are_logged_and_never_change_the_task(start, cdn, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    script = hook_script(tmp_path, 'if [ "$COVER_TASK_ID" = slow ]; then exec sleep 30; fi\nexit 3\n')
+    receiver = start(*allow_loopback(), "--on-complete", script, hook_timeout=0.5)
+    post(receiver.url, payload("fails", [cdn.route("/a.png", ok(PNG))]))
+    post(receiver.url, payload("slow", [cdn.route("/b.png", status(404))]))
+    wait_for(lambda: any("hook-timeout task=slow" in r.getMessage() for r in caplog.records))
+    assert any("hook-exit task=fails status=3" in r.getMessage() for r in caplog.records)
+    assert record(receiver.dir, "fails")["status"] == "done"
+    assert record(receiver.dir, "slow")["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------
+# Issue 5: polling fallback
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def api():
+    server = FakeAPI()
+    yield server
+    server.close()
+
+
+def run_fetch(api, folder, *task_ids, extra=(), key="sk-test-key"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COVER_RECEIVER_", "SUNO_"))}
+    if key:
+        env["SUNO_API_KEY"] = key
+    return subprocess.run([sys.executable, SCRIPT, "fetch", *task_ids, "--dir", folder,
+                           "--api-base", api.base, "--interval", "0.05", "--wait", "5",
+                           "--allow-host", "127.0.0.1", *extra],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_fetch_polls_until_success_and_saves_like_a_callback(api, cdn, tmp_path, start):
+    urls = [cdn.route("/p1.png", ok(PNG)), cdn.route("/p2.png", ok(GIF))]
+    api.script("polled", api_answer("polled", 0), api_answer("polled", 2),
+               api_answer("polled", 1, urls))
+    folder = str(tmp_path / "covers")
+    result = run_fetch(api, folder, "polled")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("polled done: 2 covers")
+    assert api.calls["polled"] == 3 and set(api.auth) == {"Bearer sk-test-key"}
+    assert all("Authorization" not in headers for _, headers in cdn.requests)
+    assert "sk-test-key" not in result.stdout + result.stderr
+    polled = record(folder, "polled")
+    # The same record a callback produces.
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("polled", urls))
+    called = wait_status(receiver.dir, "polled", "done")
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("At")}  # noqa: E731
+    assert strip(polled) == strip(called)
+    assert read(os.path.join(folder, "polled", "cover_2.gif")) == GIF
+
+
+def test_fetch_records_a_failed_generation(api, tmp_path):
+    api.script("gen-fail", api_answer("gen-fail", 3, error_message="content policy"))
+    folder = str(tmp_path / "covers")
+    result = run_fetch(api, folder, "gen-fail")
+    assert result.returncode == 1 and "gen-fail failed" in result.stdout
+    failed = record(folder, "gen-fail")
+    assert failed["status"] == "failed" and failed["msg"] == "content policy"
+
+
+def test_fetch_gives_up_on_a_task_still_generating_with_exit_3(api, tmp_path):
+    api.script("forever", api_answer("forever", 2))
+    result = run_fetch(api, str(tmp_path), "forever", extra=("--wait", "0.3"))
+    assert result.returncode == 3 and "forever pending" in result.stdout
+
+
+@pytest.mark.parametrize("first", [
+    (429, {"code": 429, "msg": "slow down"}, {"Retry-After": "0"}),
+    (200, {"code": 429, "msg": "slow down"}, {}),
+    (500, b"<html>oops</html>", {"Retry-After": "0"}),
+    (200, b"not json at all", {}),
+], ids=["429", "code-429", "500", "non-json"])
+def test_fetch_retries_transient_api_errors(api, cdn, tmp_path, first):
+    api.script("flaky", first, api_answer("flaky", 1, [cdn.route("/f.png", ok(PNG))]))
+    result = run_fetch(api, str(tmp_path), "flaky")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert api.calls["flaky"] == 2
+
+
+def test_fetch_reports_a_rejected_key_without_showing_it(api, tmp_path):
+    api.script("anything", (401, {"code": 401, "msg": "invalid key"}, {}))
+    result = run_fetch(api, str(tmp_path), "anything", key="sk-very-secret")
+    assert result.returncode == 1 and "API key rejected" in result.stdout
+    assert "sk-very-secret" not in result.stdout + result.stderr
+    assert api.calls["anything"] == 1
+
+
+def test_fetch_polls_several_tasks_and_reports_each(api, cdn, tmp_path):
+    api.script("one", api_answer("one", 1, [cdn.route("/1.png", ok(PNG))]))
+    api.script("two", api_answer("two", 3, error_message="nope"))
+    result = run_fetch(api, str(tmp_path), "one", "two", "three")
+    lines = sorted(result.stdout.splitlines())
+    assert [l.split(":")[0] for l in lines] == ["one done", "three error", "two failed"]
+    assert "unknown task" in lines[1] and result.returncode == 1
+
+
+@pytest.mark.parametrize("task_ids, key, named", [(["ok1"], None, "SUNO_API_KEY"),
+                                                  (["../bad"], "k", "TASKID")])
+def test_fetch_usage_errors_exit_2(api, tmp_path, task_ids, key, named):
+    result = run_fetch(api, str(tmp_path), *task_ids, key=key)
+    assert result.returncode == 2 and named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and api.calls == {}
+
+
+def test_fetch_and_serve_on_one_dir_download_each_image_once(api, cdn, tmp_path):
+    folder = str(tmp_path / "covers")
+    urls = [cdn.route("/s1.png", stall(PNG)), cdn.route("/s2.png", ok(JPEG))]
+    serve = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", folder,
+                             "--allow-host", "127.0.0.1"])
+    try:
+        assert post(serve.url, payload("shared", urls))[1]["status"] == "received"
+        cdn.wait_hits("/s1.png", 1)               # serve holds image 1 mid-download
+        api.script("shared", api_answer("shared", 1, urls))
+        fetch = subprocess.Popen([sys.executable, SCRIPT, "fetch", "shared", "--dir", folder,
+                                  "--api-base", api.base, "--allow-host", "127.0.0.1"],
+                                 env=dict(os.environ, SUNO_API_KEY="k"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: api.calls.get("shared"), what="fetch to poll")
+        cdn.release.set()
+        out, err = fetch.communicate(timeout=WAIT)
+        assert fetch.returncode == 0 and out.startswith("shared done"), err
+    finally:
+        assert serve.stop() == 0
+    assert cdn.hits == {"/s1.png": 1, "/s2.png": 1}
+    assert read(os.path.join(folder, "shared", "cover_1.png")) == PNG
