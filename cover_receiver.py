@@ -79,7 +79,7 @@ MAX_REDIRECTS = 5
 RETRY_AFTER_CAP = 60.0          # never sleep longer than this on a server's say-so
 BACKOFF_CAP = 60.0
 HOOK_TIMEOUT = 60.0
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 MAX_API_ANSWER = 1024 * 1024
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
 PENDING_DIR = ".pending"        # <dir>/.pending/<taskId>: index of unfinished tasks
@@ -103,6 +103,7 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "::/96", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23",
     "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 # Not passed on to --on-complete: secrets, and systemd's per-process variables.
 HOOK_HIDDEN_ENV = ("COVER_RECEIVER_HMAC_KEY", "COVER_RECEIVER_TOKEN", "SUNO_API_KEY",
@@ -202,7 +203,7 @@ def escape(value, limit=200):
     text = str(value)
     clipped = len(text) > limit
     text = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
-    text = "".join(c if 32 <= ord(c) < 127 else "\\x%02x" % ord(c) for c in text)
+    text = CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
     return text + ("..." if clipped else "")
 
 
@@ -737,7 +738,8 @@ class TaskStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
             raise
-        fsync_dir(path)
+        # No fsync of the folder here: settle() writes task.json into the same
+        # folder and fsyncs it, which makes this rename durable too.
         return self.settle(task_id, index, name, None)
 
     def settle(self, task_id, index, name, error):
@@ -812,7 +814,7 @@ class TaskStore:
     def _write(self, path, record):
         """Atomic replace: temp file, fsync, rename, fsync of the folder."""
         record["updatedAt"] = utc_now()
-        data = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+        data = (json.dumps(record) + "\n").encode("utf-8")   # compact: C encoder
         tmp = os.path.join(path, ".task.json.%s.tmp" % secrets.token_hex(4))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -1012,6 +1014,7 @@ class Fetcher:
         self.max_bytes = config.max_image_bytes
         self.user_agent = config.user_agent
         self.tls = tls or ssl.create_default_context()
+        self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
 
     def fetch(self, url, out, abort):
         """Write the image at url to out; return its extension."""
@@ -1049,23 +1052,24 @@ class Fetcher:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise Permanent("larger than --max-image-bytes (%s bytes)" % declared)
         head, total, ext = b"", 0, None
+        buffer = memoryview(bytearray(CHUNK))     # one buffer per image: memory stays flat
         while True:
-            chunk = response.read(CHUNK)
+            size = response.readinto(buffer)
             if abort.is_set():
                 raise Aborted("stopping")
-            if not chunk:
+            if not size:
                 break
-            total += len(chunk)
+            total += size
             if total > self.max_bytes:
                 raise Permanent("larger than --max-image-bytes")
             if ext is None:
-                head += chunk
+                head += buffer[:size]
                 if len(head) >= 12:
                     ext = sniff_image(head)
                     if ext is None:
                         raise Permanent("not an image (starts %r)" % head[:12])
-            out.write(chunk)
-        # read(amt) returns b"" at a premature EOF instead of raising IncompleteRead.
+            out.write(buffer[:size])
+        # readinto() returns 0 at a premature EOF instead of raising IncompleteRead.
         if declared and declared.isdigit() and total != int(declared):
             raise Retryable("connection closed after %d of %s bytes" % (total, declared))
         ext = ext or sniff_image(head)
@@ -1383,8 +1387,10 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             if target.path == receiver.config.path:
                 if self.command != "POST":
                     raise MethodNotAllowed("use POST")
-                return self.reply(200, receiver.handle_callback(target.query, self.headers,
-                                                                self.read_body))
+                answer = receiver.handle_callback(self.client_address[0], target.query,
+                                                  self.headers, self.read_body)
+                self.logged = True
+                return self.reply(200, answer)
             if self.command in ("GET", "HEAD") and target.path == "/healthz":
                 return self.reply(*receiver.health())
             if self.command in ("GET", "HEAD") and target.path == "/metrics":
@@ -1441,6 +1447,8 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_request(self, code="-", size="-"):
+        if getattr(self, "logged", False):    # the callback's own event line said it all
+            return
         # The query may carry the token: log the path only.
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
         log_event("http", client=self.client_address[0], method=self.command or "-",
@@ -1472,6 +1480,7 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.tls = None
         if config.tls_cert:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2     # 3.9's default allows 1.0
             self.tls.load_cert_chain(config.tls_cert, config.tls_key)
         if listen_socket is not None:
             self.address_family = listen_socket.family
@@ -1653,7 +1662,7 @@ class Receiver:
 
     # -- the endpoint ------------------------------------------------------------
 
-    def handle_callback(self, query, headers, read_body):
+    def handle_callback(self, client, query, headers, read_body):
         config = self.config
         if config.token:
             verify_token(config.token, query)
@@ -1671,8 +1680,8 @@ class Receiver:
         outcome, indexes = self.store.accept(callback)
         self.queue.put(callback.task_id, indexes)
         self.metrics.inc("callbacks_total", outcome)
-        log_event(outcome, callback.task_id, code=callback.code, images=len(callback.images),
-                  msg=callback.msg)
+        log_event(outcome, callback.task_id, client=client, code=callback.code,
+                  images=len(callback.images), msg=callback.msg)
         return {"status": outcome, "taskId": callback.task_id}
 
     def health(self):

@@ -938,6 +938,20 @@ def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tm
     assert os.listdir(folder / ".pending") == []
 
 
+def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
+    folder = tmp_path / "covers"
+    (folder / ".pending").mkdir(parents=True)
+    (folder / "crash").mkdir()
+    url = cdn.route("/c.png", ok(PNG))
+    (folder / "crash" / "task.json").write_text(
+        json.dumps(cr.new_record(cr.Callback("crash", 200, "success", (url,)))))
+    (folder / "crash" / "cover_1.png").write_bytes(PNG)       # final name: it was complete
+    (folder / ".pending" / "crash").touch()
+    receiver = start(*allow_loopback())
+    assert wait_status(receiver.dir, "crash", "done")["files"] == ["cover_1.png"]
+    assert cdn.hits == {}
+
+
 def test_refuses_to_start_when_the_port_is_taken(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -1093,7 +1107,8 @@ def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
     for secret in ("hmac-secret-value", "url-token-value", "wrong-token-guess",
                    headers["X-Webhook-Signature"]):
         assert secret not in seen
-    assert "path=/suno-cover-callback status=200" in proc.text()
+    assert "received task=sec client=127.0.0.1" in proc.text()
+    assert "path=/suno-cover-callback status=401" in proc.text()      # the query is not logged
 
 
 def test_https_serving_and_a_failed_handshake_does_not_hurt(start, certs, cdn):

@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Benchmark cover_receiver against baselines measured in the same run.
+
+    python3 bench/bench_receiver.py            full run (about 2 minutes)
+    python3 bench/bench_receiver.py --quick    small counts, a few seconds (CI)
+
+Starts cover_receiver.py as a subprocess on loopback with a fake CDN (also
+here) and prints one table: each figure next to its baseline and the ratio.
+Standard library only. Figures are printed, never judged: targets are shown
+for the reader.
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(HERE), "cover_receiver.py")
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------
+# Loopback servers
+# ---------------------------------------------------------------------------
+
+class BacklogServer(http.server.ThreadingHTTPServer):
+    # listen() runs in the constructor: a backlog of 5 (the default) drops SYNs
+    # from 8 senders and costs them a 1 s retransmit.
+    request_queue_size = 256
+    daemon_threads = True
+
+
+class Server:
+    """A ThreadingHTTPServer on 127.0.0.1 running in a thread."""
+
+    def __init__(self, handler):
+        self.httpd = BacklogServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def fake_cdn(sizes, delay=0.0):
+    """Serves /img/<n> as a PNG of sizes[n] bytes after delay seconds."""
+    bodies = {n: PNG_HEAD + b"\0" * (size - len(PNG_HEAD)) for n, size in enumerate(sizes)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if delay:
+                time.sleep(delay)
+            body = bodies[int(self.path.rsplit("/", 1)[1])]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            view = memoryview(body)
+            for start in range(0, len(body), 1 << 20):
+                self.wfile.write(view[start:start + (1 << 20)])
+
+        def log_message(self, *args):
+            pass
+    return Server(Handler)
+
+
+def naive_receiver():
+    """The seed's pattern: download every image before answering 200."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            for url in body["data"]["images"] or []:
+                with urllib.request.urlopen(url) as response:
+                    response.read()
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+    return Server(Handler)
+
+
+def ceiling_receiver():
+    """The no-work ceiling: read the body, answer 200, touch no disk."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"status": "received"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    return Server(Handler)
+
+
+class Baseline:
+    """A baseline server from this file run as its own process, like the
+    receiver, so neither competes with the senders for this process's GIL."""
+
+    def __init__(self, role):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", role],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.url = "http://127.0.0.1:%d/cb" % self.port
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Receiver:
+    """cover_receiver.py as a subprocess; stderr goes to a file."""
+
+    def __init__(self, folder, *args):
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", "0", "--dir", folder,
+             "--allow-host", "127.0.0.1", *args], stderr=self.log)
+        self.started = time.monotonic()
+        self.port = None
+        while self.port is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError("receiver exited: " + self.text())
+            match = re.search(r"listening .*port=(\d+)", self.text())
+            self.port = int(match.group(1)) if match else None
+            time.sleep(0.002)
+        self.url = "http://127.0.0.1:%d/suno-cover-callback" % self.port
+
+    def text(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def healthz(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def peak_rss_mb(self):
+        with open("/proc/%d/status" % self.proc.pid) as handle:
+            kb = int(re.search(r"VmHWM:\s+(\d+) kB", handle.read()).group(1))
+        return kb / 1024
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+
+def callback(task_id, images, code=200):
+    return json.dumps({"code": code, "msg": "success" if code == 200 else "failed",
+                       "data": {"taskId": task_id, "images": images}}).encode()
+
+
+def send_all(url, bodies, senders):
+    """POST each body on a new connection from `senders` threads; returns the
+    sender-side seconds to each 200."""
+    port, path = int(url.split(":")[2].split("/")[0]), "/" + url.split("/", 3)[3]
+    latencies, lock, items = [], threading.Lock(), list(bodies)
+
+    def sender():
+        while True:
+            with lock:
+                if not items:
+                    return
+                body = items.pop()
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            elapsed = time.perf_counter() - started
+            if response.status != 200:
+                raise RuntimeError("answer %d" % response.status)
+            with lock:
+                latencies.append(elapsed)
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def wait_until(predicate, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("bench timed out")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+def ack_latency(work, n, naive_n, delay):
+    cdn = fake_cdn([200_000, 200_000], delay=delay)
+    images = ["http://127.0.0.1:%d/img/%d" % (cdn.port, i) for i in range(2)]
+    receiver = Receiver(os.path.join(work, "ack"))
+    try:
+        ours = send_all(receiver.url, [callback("ack%d" % i, images) for i in range(n)], 8)
+        alone = send_all(receiver.url, [callback("one%d" % i, images) for i in range(n // 4)], 1)
+    finally:
+        receiver.stop()
+    naive = Baseline("naive")
+    try:
+        theirs = send_all(naive.url, [callback("n%d" % i, images) for i in range(naive_n)], 8)
+    finally:
+        naive.close()
+        cdn.close()
+    rows = []
+    for label, p in (("p50", 50), ("p99", 99), ("max", 100)):
+        a, b = percentile(ours, p) * 1000, percentile(theirs, p) * 1000
+        rows.append(("ack latency %s, images take %gs (ms)" % (label, delay), a, b, b / a,
+                     "p99 <= 10 ms" if label == "p99" else ""))
+    rows.append(("ack latency p99, 1 sender (no queueing) (ms)", percentile(alone, 99) * 1000,
+                 None, None, ""))
+    return rows
+
+
+def callbacks_per_second(work, n):
+    bodies = [callback("f%05d" % i, None, code=501) for i in range(n)]
+    ceiling = Baseline("ceiling")
+    try:
+        started = time.perf_counter()
+        send_all(ceiling.url, bodies, 8)
+        base = n / (time.perf_counter() - started)
+    finally:
+        ceiling.close()
+    receiver = Receiver(os.path.join(work, "rate"))
+    try:
+        started = time.perf_counter()
+        send_all(receiver.url, bodies, 8)
+        ours = n / (time.perf_counter() - started)
+    finally:
+        receiver.stop()
+    return [("failure callbacks/s, durable, 8 senders", ours, base, ours / base,
+             ">= 70% of ceiling")]
+
+
+def throughput(work, label, count, size, workers=4):
+    cdn = fake_cdn([size] * count)
+    urls = ["http://127.0.0.1:%d/img/%d" % (cdn.port, i) for i in range(count)]
+    total_mb = count * size / 1e6
+    try:
+        # Baseline: one urllib loop saving each image durably (write + fsync),
+        # the least any receiver that keeps its promise must do.
+        saved = os.path.join(work, label + "-baseline")
+        os.mkdir(saved)
+        started = time.perf_counter()
+        for n, url in enumerate(urls):
+            with urllib.request.urlopen(url) as response, \
+                    open(os.path.join(saved, "%d.png" % n), "wb") as out:
+                shutil.copyfileobj(response, out, 256 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+        base = total_mb / (time.perf_counter() - started)
+        receiver = Receiver(os.path.join(work, label), "--workers", str(workers))
+        try:
+            started = time.perf_counter()
+            bodies = [callback("%s%04d" % (label, i // 2), urls[i:i + 2])
+                      for i in range(0, count, 2)]
+            send_all(receiver.url, bodies, 8)
+            wait_until(lambda: receiver.healthz()[1]["pending"] == 0)
+            ours = total_mb / (time.perf_counter() - started)
+            rss = receiver.peak_rss_mb()
+        finally:
+            receiver.stop()
+    finally:
+        cdn.close()
+    return [("download MB/s, %d x %s, --workers %d" % (count, human(size), workers), ours, base,
+             ours / base, ">= 80% of baseline"),
+            ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), rss, None, None, "<= 40 MB")]
+
+
+def startup(work, finished, pending):
+    def prepare(name, done, waiting):
+        folder = os.path.join(work, name)
+        os.makedirs(os.path.join(folder, ".pending"))
+        for i in range(done + waiting):
+            task = "%s%06d" % (name, i)
+            os.mkdir(os.path.join(folder, task))
+            is_pending = i >= done
+            record = {"taskId": task, "status": "pending" if is_pending else "done", "code": 200,
+                      "msg": "success", "images": ["http://127.0.0.1:9/x.png"],
+                      "files": [None if is_pending else "cover_1.png"], "errors": [None],
+                      "error": None, "receivedAt": "2026-01-01T00:00:00.000Z",
+                      "updatedAt": "2026-01-01T00:00:00.000Z"}
+            with open(os.path.join(folder, task, "task.json"), "w") as handle:
+                json.dump(record, handle)
+            if is_pending:
+                open(os.path.join(folder, ".pending", task), "w").close()
+        return folder
+
+    def time_to_healthy(folder):
+        started = time.perf_counter()
+        receiver = Receiver(folder, "--attempts", "1")
+        try:
+            wait_until(lambda: receiver.healthz()[0] == 200)
+            return time.perf_counter() - started
+        finally:
+            receiver.stop()
+    empty = time_to_healthy(prepare("empty", 0, 0))
+    rows = []
+    for label, done, waiting in (("%d finished" % finished, finished, 0),
+                                 ("%d pending" % pending, 0, pending)):
+        seconds = time_to_healthy(prepare(label.replace(" ", ""), done, waiting))
+        rows.append(("start to /healthz 200, %s (s)" % label, seconds, empty, seconds / empty,
+                     "<= 0.5 s" if waiting == 0 else ""))
+    return rows
+
+
+def human(size):
+    return "%d MB" % (size // 1_000_000) if size >= 1_000_000 else "%d KB" % (size // 1000)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, a few seconds")
+    parser.add_argument("--serve", choices=("naive", "ceiling"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:                      # a Baseline subprocess
+        server = (naive_receiver if args.serve == "naive" else ceiling_receiver)()
+        print(server.port, flush=True)
+        threading.Event().wait()
+    quick = args.quick
+    work = tempfile.mkdtemp(prefix="cover-bench-", dir=os.environ.get("BENCH_DIR"))
+    rows = []
+    try:
+        rows += ack_latency(work, n=20 if quick else 200, naive_n=8 if quick else 24,
+                            delay=0.2 if quick else 2.0)
+        rows += callbacks_per_second(work, n=100 if quick else 2000)
+        rows += throughput(work, "big", 2 if quick else 6, 2_000_000 if quick else 20_000_000)
+        rows += throughput(work, "small", 20 if quick else 200, 200_000)
+        rows += startup(work, finished=500 if quick else 20000, pending=50 if quick else 1000)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("cover_receiver bench%s: Python %s, %s, %d cores" % (
+        " --quick" if quick else "", platform.python_version(), platform.machine(),
+        os.cpu_count()))
+    print("%-48s %12s %12s %8s  %s" % ("figure", "receiver", "baseline", "ratio", "target"))
+    for name, ours, base, ratio, target in rows:
+        print("%-48s %12.2f %12s %8s  %s" % (
+            name, ours, "%.2f" % base if base is not None else "-",
+            "%.2f" % ratio if ratio is not None else "-", target))
+    print("baselines: ack = naive receiver downloading before answering (seed pattern); "
+          "callbacks/s = http.server answering 200 without disk; MB/s = one urllib loop "
+          "saving each image with fsync; "
+          "start-up = empty --dir")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
