@@ -346,42 +346,50 @@ class Option:
     help: str
     commands: tuple = ("serve",)
     repeat: bool = False
+    metavar: str = "N"
 
 
 DOWNLOAD = ("serve", "fetch")
 OPTIONS = (
-    Option("host", "0.0.0.0", _text, "listen address (IPv6 literal allowed)"),
-    Option("port", "3000", _int_range(0, 65535), "listen port (0: any free port)"),
-    Option("path", "/suno-cover-callback", _callback_path, "the callback path"),
+    Option("host", "0.0.0.0", _text, "listen address (IPv6 literal allowed)", metavar="HOST"),
+    Option("port", "3000", _int_range(0, 65535), "listen port (0: any free port)",
+           metavar="PORT"),
+    Option("path", "/suno-cover-callback", _callback_path, "the callback path", metavar="PATH"),
     Option("dir", "./covers", _folder, "where tasks and covers live; created if missing",
-           ("serve", "fetch", "status")),
+           ("serve", "fetch", "status"), metavar="DIR"),
     Option("workers", "4", _int_range(1, 64), "downloads running at once", DOWNLOAD),
     Option("attempts", "5", _int_range(1, 100), "tries per image before it fails for good",
            DOWNLOAD),
     Option("timeout", "30", _seconds(0.1), "seconds for one network step (connect, each read)",
-           DOWNLOAD),
+           DOWNLOAD, metavar="SECONDS"),
     Option("max-image-bytes", "26214400", _int_range(1), "larger images are refused", DOWNLOAD),
     Option("max-body-bytes", "1048576", _int_range(1), "larger callbacks get 413"),
     Option("allow-host", None, _host_pattern,
            "download only from HOST (name, or *.domain for subdomains); repeatable; "
-           "turns off the public-address check", DOWNLOAD, repeat=True),
-    Option("user-agent", DEFAULT_USER_AGENT, _text, "User-Agent sent to image hosts", DOWNLOAD),
+           "turns off the public-address check", DOWNLOAD, repeat=True, metavar="HOST"),
+    Option("user-agent", DEFAULT_USER_AGENT, _text, "User-Agent sent to image hosts", DOWNLOAD,
+           metavar="UA"),
     Option("hmac-key-file", None, _readable_file,
-           "file holding the kie.ai signing key (or env COVER_RECEIVER_HMAC_KEY)"),
+           "file holding the kie.ai signing key (or env COVER_RECEIVER_HMAC_KEY)", metavar="FILE"),
     Option("token-file", None, _readable_file,
-           "file holding the ?token= secret (or env COVER_RECEIVER_TOKEN)"),
-    Option("tls-cert", None, _readable_file, "certificate chain (PEM) to serve HTTPS"),
-    Option("tls-key", None, _readable_file, "private key (PEM) to serve HTTPS"),
+           "file holding the ?token= secret (or env COVER_RECEIVER_TOKEN)", metavar="FILE"),
+    Option("tls-cert", None, _readable_file, "certificate chain (PEM) to serve HTTPS",
+           metavar="FILE"),
+    Option("tls-key", None, _readable_file, "private key (PEM) to serve HTTPS", metavar="FILE"),
     Option("on-complete", None, _command,
-           "command run when a task ends; its folder is appended as last argument"),
-    Option("drain-seconds", "10", _seconds(0), "on SIGTERM, time running downloads may finish"),
+           "command run when a task ends; its folder is appended as last argument",
+           metavar="CMD"),
+    Option("drain-seconds", "10", _seconds(0), "on SIGTERM, time running downloads may finish",
+           metavar="SECONDS"),
     Option("max-connections", "64", _int_range(1, 10000), "connections served at once"),
-    Option("request-timeout", "10", _seconds(0.1), "seconds a client has to send its request"),
+    Option("request-timeout", "10", _seconds(0.1), "seconds a client has to send its request",
+           metavar="SECONDS"),
     Option("api-base", "https://api.sunoapi.org", _api_base,
-           "record-info API base (kie.ai: https://api.kie.ai)", ("fetch",)),
-    Option("interval", "30", _seconds(0.01), "seconds between polls of a task", ("fetch",)),
+           "record-info API base (kie.ai: https://api.kie.ai)", ("fetch",), metavar="URL"),
+    Option("interval", "30", _seconds(0.01), "seconds between polls of a task", ("fetch",),
+           metavar="SECONDS"),
     Option("wait", "600", _seconds(0), "give up on a still-generating task after this",
-           ("fetch",)),
+           ("fetch",), metavar="SECONDS"),
 )
 
 
@@ -437,8 +445,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version="cover_receiver " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{serve,fetch,status}")
     helps = {"serve": overview,
-             "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and "
-                      "download its covers as a callback would.\nExit 0 all done, 1 any "
+             "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
+                      "download its covers as a callback would. Exit 0 all done, 1 any\n"
                       "failed, 2 usage, 3 any still generating after --wait.",
              "status": "List the tasks in --dir, or print one task's record as JSON."}
     for command, text in helps.items():
@@ -453,7 +461,7 @@ def build_parser():
             if command in opt.commands:
                 default = "" if opt.default is None else " (default: %s)" % opt.default
                 sub.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
-                                 help=opt.help + default)
+                                 help=opt.help + default, metavar=opt.metavar)
     return parser
 
 
@@ -562,8 +570,10 @@ def url_problem(url):
         return "must be printable ASCII without spaces"
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port
+        port_ok = parts.port is None or parts.port >= 0     # .port raises on a bad port
     except ValueError:
+        port_ok = False
+    if not port_ok:
         return "is not a valid URL"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
@@ -698,7 +708,8 @@ class TaskStore:
         """Hold image index of task_id for one downloader. Yields its URL, or
         None when there is nothing left to do for it."""
         path = self.task_dir(task_id)
-        fd = os.open(os.path.join(path, ".cover_%d.lock" % (index + 1)), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.path.join(path, ".cover_%d.lock" % (index + 1))
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             while True:
                 try:
@@ -723,8 +734,8 @@ class TaskStore:
 
     def save_cover(self, task_id, index, write):
         """Run write(file) into a hidden temp file, then fsync and rename it to
-        cover_<n>.<ext>. write returns the detected extension. Returns what
-        settle returns."""
+        cover_<n>.<ext>. write returns the detected extension. Returns (what
+        settle returns, bytes saved)."""
         path = self.task_dir(task_id)
         part = os.path.join(path, ".cover_%d.part" % (index + 1))
         try:
@@ -732,6 +743,7 @@ class TaskStore:
                 ext = write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+                size = handle.tell()
             name = "cover_%d.%s" % (index + 1, ext)
             os.replace(part, os.path.join(path, name))
         except BaseException:
@@ -740,7 +752,7 @@ class TaskStore:
             raise
         # No fsync of the folder here: settle() writes task.json into the same
         # folder and fsyncs it, which makes this rename durable too.
-        return self.settle(task_id, index, name, None)
+        return self.settle(task_id, index, name, None), size
 
     def settle(self, task_id, index, name, error):
         """Record image index as saved (name) or failed for good (error).
@@ -836,6 +848,17 @@ class TaskStore:
     def _unmark(self, task_id):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.pending_dir, task_id))
+
+
+def open_store(config):
+    """The store for --dir, created and proven writable, or a UsageError."""
+    store = TaskStore(config.dir)
+    try:
+        store.prepare()
+    except OSError as exc:
+        raise UsageError("--dir %s is not writable: %s"
+                         % (config.dir, exc.strerror or exc)) from None
+    return store
 
 
 def new_record(callback):
@@ -952,9 +975,10 @@ class PinnedConnection(http.client.HTTPSConnection):
     """HTTP(S) connection to an address that was already checked: no second
     DNS lookup, while Host, SNI and certificate checks use the name."""
 
-    def __init__(self, target, timeout, context, on_socket):
+    def __init__(self, target, timeout, context, abort):
         super().__init__(target.host, target.port, timeout=timeout, context=context)
-        self._target, self._tls, self._on_socket = target, context, on_socket
+        self._target, self._tls, self._abort = target, context, abort
+        self.watched = None         # the socket shutdown() may cut short
         self.default_port = 443 if target.scheme == "https" else 80     # for the Host header
 
     def connect(self):
@@ -967,7 +991,8 @@ class PinnedConnection(http.client.HTTPSConnection):
                 error = exc
         else:
             raise error
-        self._on_socket(sock)
+        self.watched = sock
+        self._abort.watch(sock)
         if self._target.scheme == "https":
             sock = self._tls.wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
@@ -1020,9 +1045,7 @@ class Fetcher:
         """Write the image at url to out; return its extension."""
         for _hop in range(MAX_REDIRECTS + 1):
             target = self.policy.vet(url)
-            used = []
-            conn = PinnedConnection(target, self.timeout, self.tls,
-                                    lambda sock: (used.append(sock), abort.watch(sock)))
+            conn = PinnedConnection(target, self.timeout, self.tls, abort)
             try:
                 # Never an Authorization header: the image host gets nothing secret.
                 conn.request("GET", target.request_path, headers={
@@ -1042,8 +1065,7 @@ class Fetcher:
                     raise Aborted("stopping") from None
                 raise Retryable(_network_reason(exc)) from None
             finally:
-                for sock in used:
-                    abort.forget(sock)
+                abort.forget(conn.watched)
                 conn.close()
         raise Permanent("more than %d redirects" % MAX_REDIRECTS)
 
@@ -1221,15 +1243,12 @@ class DownloadQueue:
         with self.store.claim(task_id, index, self.abort) as url:
             if url is None:
                 return
+            def write(out):
+                return self.fetcher.fetch(url, out, self.abort)
             for attempt in range(1, self.config.attempts + 1):
-                started, sizes = time.monotonic(), []
-
-                def write(out):
-                    ext = self.fetcher.fetch(url, out, self.abort)
-                    sizes.append(out.tell())
-                    return ext
+                started = time.monotonic()
                 try:
-                    ended = self.store.save_cover(task_id, index, write)
+                    ended, size = self.store.save_cover(task_id, index, write)
                 except Retryable as exc:
                     if attempt == self.config.attempts:
                         return self._fail(task_id, index, "%s (after %d tries)" % (exc, attempt))
@@ -1243,8 +1262,8 @@ class DownloadQueue:
                 except Permanent as exc:
                     return self._fail(task_id, index, str(exc))
                 self.metrics.inc("downloads_total", "saved")
-                self.metrics.inc("downloaded_bytes_total", amount=sizes[0])
-                log_event("downloaded", task_id, image=index + 1, bytes=sizes[0],
+                self.metrics.inc("downloaded_bytes_total", amount=size)
+                log_event("downloaded", task_id, image=index + 1, bytes=size,
                           ms=int((time.monotonic() - started) * 1000))
                 return self._ended(task_id, ended)
 
@@ -1595,17 +1614,13 @@ class Receiver:
                  client_tls=None):
         env = os.environ if env is None else env
         self.config, self.clock = config, clock
-        self.store = TaskStore(config.dir)
+        self.store = open_store(config)
         self.metrics = Metrics()
         self.hooks = HookRunner(config.on_complete, self.store, config.hook_timeout)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
                                    self.metrics, self._task_ended)
         self.notifier = SystemdNotifier(env)
         self.heartbeat = time.monotonic()
-        try:
-            self.store.prepare()
-        except OSError as exc:
-            raise UsageError("--dir %s is not writable: %s" % (config.dir, exc.strerror or exc))
         try:
             self.server = CallbackServer(config, self, inherited_socket(env))
         except ssl.SSLError as exc:
@@ -1673,9 +1688,9 @@ class Receiver:
             raise BadCallback("body is not JSON") from None
         if config.hmac_key:
             data = obj.get("data") if isinstance(obj, dict) else None
-            verify_signature(config.hmac_key, data.get("taskId") if isinstance(data, dict) else None,
-                             headers.get("X-Webhook-Timestamp"), headers.get("X-Webhook-Signature"),
-                             self.clock())
+            task_id = data.get("taskId") if isinstance(data, dict) else None
+            verify_signature(config.hmac_key, task_id, headers.get("X-Webhook-Timestamp"),
+                             headers.get("X-Webhook-Signature"), self.clock())
         callback = Callback.from_json(obj)
         outcome, indexes = self.store.accept(callback)
         self.queue.put(callback.task_id, indexes)
@@ -1743,9 +1758,10 @@ class RecordInfoClient:
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         conn = kind(self.host, self.port, timeout=self.timeout)
         try:
-            conn.request("GET", "%s/api/v1/suno/cover/record-info?taskId=%s" % (self.prefix, task_id),
-                         headers={"Authorization": "Bearer " + self.key, "Accept": "application/json",
-                                  "User-Agent": self.user_agent})
+            conn.request("GET", "%s/api/v1/suno/cover/record-info?taskId=%s"
+                         % (self.prefix, task_id), headers={
+                             "Authorization": "Bearer " + self.key,
+                             "Accept": "application/json", "User-Agent": self.user_agent})
             response = conn.getresponse()
             body = response.read(MAX_API_ANSWER)
         except (OSError, http.client.HTTPException) as exc:
@@ -1814,7 +1830,8 @@ class Poller:
                 return self._finish(task_id, data, int(flag) == 1)
             if flag not in (0, 2, "0", "2"):
                 return "error", "unexpected successFlag %s" % escape(flag, 20)
-            if self.clock() + self.config.interval > deadline or self.stop.wait(self.config.interval):
+            interval = self.config.interval
+            if self.clock() + interval > deadline or self.stop.wait(interval):
                 return "pending", "still generating after %g s" % self.config.wait
 
     def _finish(self, task_id, data, success):
@@ -1843,11 +1860,7 @@ class Poller:
 
 
 def run_fetch(config, env):
-    store = TaskStore(config.dir)
-    try:
-        store.prepare()
-    except OSError as exc:
-        raise UsageError("--dir %s is not writable: %s" % (config.dir, exc.strerror or exc))
+    store = open_store(config)
     downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None)
     downloads.start()
     stop = threading.Event()

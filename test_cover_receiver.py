@@ -6,7 +6,6 @@ seams: resolver, client TLS context, clock) or as a subprocess where process
 behaviour matters (kill -9, SIGTERM, systemd). No mocked network or filesystem.
 """
 
-import base64
 import contextlib
 import dataclasses
 import http.client
@@ -249,7 +248,7 @@ def stall(body, cut=16):
 
 class FakeAPI:
     """The record-info API on loopback: script(taskId, answer, ...) where an
-    answer is (http status, body dict or bytes, headers)."""
+    answer is (http status, body dict or bytes, headers[, seconds to stall first])."""
 
     def __init__(self):
         self.scripts, self.calls, self.auth = {}, {}, []
@@ -263,7 +262,9 @@ class FakeAPI:
                 count = api.calls.get(task_id, 0)
                 api.calls[task_id] = count + 1
                 answers = api.scripts.get(task_id) or [(404, {"code": 404, "msg": "no"}, {})]
-                code, body, headers = answers[min(count, len(answers) - 1)]
+                code, body, headers, *stall_seconds = answers[min(count, len(answers) - 1)]
+                if stall_seconds:
+                    time.sleep(stall_seconds[0])       # the client is meant to time out
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(code)
                 for name, value in headers.items():
@@ -320,13 +321,13 @@ class ReceiverProcess:
             found = self.changed.wait_for(
                 lambda: any(line and regex.search(line) for line in self.lines)
                 or None in self.lines, timeout)
-            match = next((regex.search(l) for l in self.lines if l and regex.search(l)), None)
+            match = next((regex.search(x) for x in self.lines if x and regex.search(x)), None)
         assert found and match, "no log line %r in:\n%s" % (pattern, self.text())
         return match
 
     def text(self):
         with self.changed:
-            return "".join(l for l in self.lines if l)
+            return "".join(x for x in self.lines if x)
 
     def exit(self):
         """Wait for the process to end and its stderr to close: (status, lines)."""
@@ -473,6 +474,7 @@ def test_status_lists_tasks_and_prints_one_record(start, cdn, capfd):
     assert cr.main(["status", "--dir", receiver.dir, "done1"], env={}) == 0
     assert json.loads(capfd.readouterr().out)["files"] == ["cover_1.png"]
     assert cr.main(["status", "--dir", receiver.dir, "unknown"], env={}) == 1
+    assert cr.main(["status", "--dir", receiver.dir + "-typo"], env={}) == 2
 
 
 # ---------------------------------------------------------------------------
@@ -544,6 +546,9 @@ def test_other_path_is_404_and_other_method_is_405_with_allow(start):
     code, _, response = get(receiver.url)
     assert code == 405 and response.getheader("Allow") == "POST"
     assert get(receiver.url, method="PUT")[0] == 405
+    assert raw_request(receiver.url, b"BREW /suno-cover-callback HTTP/1.0\r\n\r\n") \
+        .startswith(b"HTTP/1.0 501")
+    assert get(receiver.url.replace("/suno-cover-callback", "/healthz"), method="HEAD")[0] == 200
 
 
 def raw_request(url, data, read=True):
@@ -1368,6 +1373,20 @@ def test_fetch_retries_transient_api_errors(api, cdn, tmp_path, first):
     assert api.calls["flaky"] == 2
 
 
+def test_fetch_retries_an_api_timeout(api, cdn, tmp_path):
+    api.script("stalled", (200, b"", {}, 2.0), api_answer("stalled", 1, [cdn.route("/t.png", ok(PNG))]))
+    result = run_fetch(api, str(tmp_path), "stalled", extra=("--timeout", "0.3"))
+    assert result.returncode == 0 and "timed out" in result.stderr
+
+
+def test_fetch_does_not_download_a_done_task_again(api, cdn, tmp_path):
+    api.script("twice", api_answer("twice", 1, [cdn.route("/2.png", ok(PNG))]))
+    assert run_fetch(api, str(tmp_path), "twice").returncode == 0
+    again = run_fetch(api, str(tmp_path), "twice")
+    assert again.returncode == 0 and again.stdout.startswith("twice done")
+    assert cdn.hits == {"/2.png": 1}
+
+
 def test_fetch_reports_a_rejected_key_without_showing_it(api, tmp_path):
     api.script("anything", (401, {"code": 401, "msg": "invalid key"}, {}))
     result = run_fetch(api, str(tmp_path), "anything", key="sk-very-secret")
@@ -1381,7 +1400,7 @@ def test_fetch_polls_several_tasks_and_reports_each(api, cdn, tmp_path):
     api.script("two", api_answer("two", 3, error_message="nope"))
     result = run_fetch(api, str(tmp_path), "one", "two", "three")
     lines = sorted(result.stdout.splitlines())
-    assert [l.split(":")[0] for l in lines] == ["one done", "three error", "two failed"]
+    assert [line.split(":")[0] for line in lines] == ["one done", "three error", "two failed"]
     assert "unknown task" in lines[1] and result.returncode == 1
 
 
