@@ -895,8 +895,8 @@ def test_connection_goes_to_the_resolved_address_without_a_second_lookup(start, 
         lookups.append(host)
         return ["127.0.0.1"]
     receiver = start("--allow-host", "only-in-this-test.invalid", resolver=resolver)
-    post(receiver.url, payload("pinned", [cdn.url("/p.png", "only-in-this-test.invalid")]))
     cdn.route("/p.png", ok(PNG))
+    post(receiver.url, payload("pinned", [cdn.url("/p.png", "only-in-this-test.invalid")]))
     assert wait_status(receiver.dir, "pinned", "done")    # real DNS knows no such name
     assert lookups == ["only-in-this-test.invalid"]
     assert cdn.requests[0][1]["Host"] == "only-in-this-test.invalid:%d" % cdn.port
