@@ -395,31 +395,33 @@ OPTIONS = (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything the program needs, parsed and validated once."""
+    """Everything the program needs, parsed and validated once by build_config()."""
     command: str = "serve"
-    host: str = "0.0.0.0"
-    port: int = 3000
-    path: str = "/suno-cover-callback"
-    dir: str = "./covers"
-    workers: int = 4
-    attempts: int = 5
-    timeout: float = 30.0
-    max_image_bytes: int = 26214400
-    max_body_bytes: int = 1048576
+    # Options (defaults live in OPTIONS; None where the command does not take it):
+    host: str = None
+    port: int = None
+    path: str = None
+    dir: str = None
+    workers: int = None
+    attempts: int = None
+    timeout: float = None
+    max_image_bytes: int = None
+    max_body_bytes: int = None
     allow_host: tuple = ()
-    user_agent: str = DEFAULT_USER_AGENT
-    hmac_key: bytes = None
-    token: str = None
+    user_agent: str = None
     tls_cert: str = None
     tls_key: str = None
     on_complete: tuple = None
-    drain_seconds: float = 10.0
-    max_connections: int = 64
-    request_timeout: float = 10.0
-    api_base: str = "https://api.sunoapi.org"
+    drain_seconds: float = None
+    max_connections: int = None
+    request_timeout: float = None
+    api_base: str = None
+    interval: float = None
+    wait: float = None
+    # Read from files or the environment, never argv:
+    hmac_key: bytes = None
+    token: str = None
     api_key: str = None
-    interval: float = 30.0
-    wait: float = 600.0
     task_ids: tuple = ()
     # Not on the command line: seams the tests turn down so they need no sleeps.
     backoff_base: float = 1.0
@@ -570,10 +572,8 @@ def url_problem(url):
         return "must be printable ASCII without spaces"
     try:
         parts = urllib.parse.urlsplit(url)
-        port_ok = parts.port is None or parts.port >= 0     # .port raises on a bad port
+        _ = parts.port                  # raises ValueError for a bad port
     except ValueError:
-        port_ok = False
-    if not port_ok:
         return "is not a valid URL"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
@@ -1038,8 +1038,10 @@ class Fetcher:
         self.timeout = config.timeout
         self.max_bytes = config.max_image_bytes
         self.user_agent = config.user_agent
-        self.tls = tls or ssl.create_default_context()
-        self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls is None:
+            tls = ssl.create_default_context()
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2    # 3.9's default allows 1.0
+        self.tls = tls
 
     def fetch(self, url, out, abort):
         """Write the image at url to out; return its extension."""
@@ -1406,10 +1408,8 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             if target.path == receiver.config.path:
                 if self.command != "POST":
                     raise MethodNotAllowed("use POST")
-                answer = receiver.handle_callback(self.client_address[0], target.query,
-                                                  self.headers, self.read_body)
-                self.logged = True
-                return self.reply(200, answer)
+                return self.reply(200, receiver.handle_callback(
+                    self.client_address[0], target.query, self.headers, self.read_body))
             if self.command in ("GET", "HEAD") and target.path == "/healthz":
                 return self.reply(*receiver.health())
             if self.command in ("GET", "HEAD") and target.path == "/metrics":
@@ -1466,10 +1466,10 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_request(self, code="-", size="-"):
-        if getattr(self, "logged", False):    # the callback's own event line said it all
-            return
         # The query may carry the token: log the path only.
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
+        if int(code) == 200 and path == self.server.receiver.config.path:
+            return                      # its received/duplicate line already said it
         log_event("http", client=self.client_address[0], method=self.command or "-",
                   path=path, status=int(code))
 

@@ -343,7 +343,7 @@ class ReceiverProcess:
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(WAIT)
+        return self.exit()[0]
 
 
 # ---------------------------------------------------------------------------
@@ -611,7 +611,8 @@ def test_healthz_reports_pending_and_last_download(start, cdn):
     assert json.loads(get(healthz)[1])["pending"] == 1
     cdn.release.set()
     wait_status(receiver.dir, "slow", "done")
-    health = json.loads(get(healthz)[1])
+    health = wait_for(lambda: json.loads(get(healthz)[1])["lastDownloadAt"] and
+                      json.loads(get(healthz)[1]))
     assert health["pending"] == 0 and health["lastDownloadAt"].endswith("Z")
 
 
@@ -1013,6 +1014,9 @@ def test_log_lines_name_the_task_and_escape_attacker_text(start, cdn, caplog):
     post(receiver.url, payload("logged", code=501, images=None, msg="bad\nFORGED line\x1b[31m"))
     post(receiver.url, payload("logged2", [cdn.route("/x", status(500), ok(PNG))]))
     wait_status(receiver.dir, "logged2", "done")
+    # The record turns done a moment before the downloaded line is written.
+    wait_for(lambda: any(r.getMessage().startswith("downloaded task=logged2")
+                         for r in caplog.records), what="the downloaded line")
     messages = [r.getMessage() for r in caplog.records]
     assert all("\n" not in m and "\x1b" not in m for m in messages)
     assert any(m.startswith("received task=logged ") and "bad\\x0aFORGED" in m for m in messages)
@@ -1256,7 +1260,8 @@ def test_metrics_counters_move_as_callbacks_arrive(start, cdn):
     post(receiver.url, payload("m", [cdn.url("/m.png")]))
     post(receiver.url, b"nope")
     wait_status(receiver.dir, "m", "done")
-    after = parse_metrics(get(metrics_url)[1].decode())
+    after = wait_for(lambda: (lambda m: m['cover_receiver_downloads_total{outcome="saved"}'] == 1
+                              and m)(parse_metrics(get(metrics_url)[1].decode())))
     assert after['cover_receiver_callbacks_total{outcome="received"}'] == 1
     assert after['cover_receiver_callbacks_total{outcome="duplicate"}'] == 1
     assert after['cover_receiver_callbacks_total{outcome="bad_request"}'] == 1
@@ -1297,8 +1302,9 @@ def test_failing_and_slow_hooks_are_logged_and_never_change_the_task(start, cdn,
     receiver = start(*allow_loopback(), "--on-complete", script, hook_timeout=0.5)
     post(receiver.url, payload("fails", [cdn.route("/a.png", ok(PNG))]))
     post(receiver.url, payload("slow", [cdn.route("/b.png", status(404))]))
-    wait_for(lambda: any("hook-timeout task=slow" in r.getMessage() for r in caplog.records))
-    assert any("hook-exit task=fails status=3" in r.getMessage() for r in caplog.records)
+    # Hooks run one at a time in the order tasks end, which is either order here.
+    for line in ("hook-timeout task=slow", "hook-exit task=fails status=3"):
+        wait_for(lambda: any(line in r.getMessage() for r in caplog.records), what=line)
     assert record(receiver.dir, "fails")["status"] == "done"
     assert record(receiver.dir, "slow")["status"] == "failed"
 
