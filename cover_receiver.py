@@ -41,20 +41,23 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
-import fcntl
+import errno
 import hashlib
 import hmac
+import heapq
 import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import queue
 import random
 import re
-import secrets
+import select
 import shlex
+import shutil
 import signal
 import socket
 import socketserver
@@ -64,6 +67,12 @@ import sys
 import threading
 import time
 import urllib.parse
+
+WINDOWS = os.name == "nt"       # the one place that asks; see the Platform section
+if WINDOWS:
+    import msvcrt
+else:
+    import fcntl
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -76,13 +85,18 @@ MAX_IMAGES = 10
 MAX_URL_CHARS = 2048
 SIGNATURE_WINDOW = 300          # seconds either way (kie.ai docs)
 MAX_REDIRECTS = 5
-RETRY_AFTER_CAP = 60.0          # never sleep longer than this on a server's say-so
-BACKOFF_CAP = 60.0
+API_BACKOFF_CAP = 60.0          # fetch: longest wait between polls after an API error
 HOOK_TIMEOUT = 60.0
 CHUNK = 256 * 1024
 MAX_API_ANSWER = 1024 * 1024
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
-PENDING_DIR = ".pending"        # <dir>/.pending/<taskId>: index of unfinished tasks
+RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
+PENDING_PREFIX = ".pending."    # <dir>/.pending.<taskId>: index of unfinished tasks
+NEW_PREFIX = ".new."            # <dir>/.new.<taskId>.<pid>.<n>: a task folder being built
+LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, present while held
+LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
+MAX_LINGERING = 256             # refused connections drained at once; more are closed
+PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED = "pending", "done", "failed"
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (408, 429)     # plus every 5xx
@@ -92,18 +106,24 @@ COVER_EXTS = ("png", "jpg", "webp", "gif")
 CALLBACK_OUTCOMES = ("received", "duplicate", "bad_request", "unauthorized", "length_required",
                      "too_large", "unsupported_media_type", "unavailable")
 
-# Special-purpose ranges (IANA registries) refused as download targets. Listed
-# explicitly because ipaddress.is_global differs across Python versions and
-# calls multicast "global".
+# Special-purpose ranges refused as download targets, from the IANA IPv4 and
+# IPv6 Special-Purpose Address Registries (RFC 6890) plus multicast, class E,
+# IPv4-translated ::ffff:0:0:0/96 (RFC 2765), documentation 3fff::/20 (RFC 9637)
+# and SRv6 SIDs 5f00::/16 (RFC 9602). Listed explicitly because
+# ipaddress.is_global differs across Python versions and calls multicast "global".
 BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24",
     "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
     "224.0.0.0/4", "240.0.0.0/4",
-    "::/96", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23",
-    "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))
+    "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23",
+    "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10",
+    "ff00::/8"))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]{1,18}")                    # ASCII only, unlike str.isdigit()
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")   # RFC 9110 5.1 token
+HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 5.5: CTLs but HTAB
 
 # Not passed on to --on-complete: secrets, and systemd's per-process variables.
 HOOK_HIDDEN_ENV = ("COVER_RECEIVER_HMAC_KEY", "COVER_RECEIVER_TOKEN", "SUNO_API_KEY",
@@ -215,33 +235,52 @@ def log_event(event, task=None, level=logging.INFO, **fields):
     LOG.log(level, " ".join(parts))
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def parse_utc(text):
+    """The unix time of an ISO 8601 UTC string written by utc_now(), or None."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
-def backoff_delay(attempt, base, retry_after=None):
-    """Exponential backoff with jitter; a server's Retry-After wins, capped."""
-    if retry_after is not None:
-        return min(retry_after, RETRY_AFTER_CAP)
-    return min(BACKOFF_CAP, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+def parse_digits(text):
+    """The one parser for numbers from the network (Content-Length, Retry-After,
+    timestamps, systemd's variables): ASCII digits only, at most 18 of them,
+    optional spaces or tabs around (RFC 9110 5.5 OWS). None when it is not one."""
+    if text is None:
+        return None
+    text = text.strip(" \t")
+    return int(text) if DIGITS.fullmatch(text) else None
 
 
 def parse_retry_after(value, clock=time.time):
-    """RFC 9110 10.2.3: delay-seconds or an HTTP-date."""
+    """RFC 9110 10.2.3: delay-seconds or an HTTP-date; None when unusable."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_digits(value)
+    if seconds is not None:
+        return float(seconds)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(value.strip())
+        return max(0.0, when.timestamp() - clock())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - clock())
+
+
+class Backoff:
+    """The retry schedule: a gap that doubles from base to cap, with jitter
+    (0.5 to 1 times the gap) so that many images do not retry in step; a
+    server's Retry-After is honoured up to the cap."""
+
+    def __init__(self, base, cap):
+        self.base, self.cap = base, cap
+
+    def delay(self, tries, retry_after=None):
+        """Seconds to wait after the tries-th failed try."""
+        gap = min(self.cap, self.base * 2 ** min(tries - 1, 40)) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            gap = max(gap, min(retry_after, self.cap))
+        return gap
 
 
 def sniff_image(head):
@@ -271,14 +310,14 @@ def _int_range(low, high=None):
     return parse
 
 
-def _seconds(minimum):
+def _seconds(minimum, maximum=86400 * 365):
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise ValueError("must be a number of seconds, not %r" % text) from None
-        if not (minimum <= value < 86400 * 365):
-            raise ValueError("must be a number of seconds >= %g, not %r" % (minimum, text))
+        if not (minimum <= value <= maximum):
+            raise ValueError("must be from %g to %g seconds, not %r" % (minimum, maximum, text))
         return value
     return parse
 
@@ -315,11 +354,13 @@ def _host_pattern(text):
 
 def _command(text):
     try:
-        argv = shlex.split(text)
+        argv = shlex.split(text, posix=not WINDOWS)
     except ValueError as exc:
         raise ValueError("cannot be split like a shell command: %s" % exc) from None
     if not argv:
         raise ValueError("must name a command")
+    if shutil.which(argv[0]) is None:
+        raise ValueError("%s is not an executable program" % escape(argv[0]))
     return tuple(argv)
 
 
@@ -349,18 +390,22 @@ class Option:
     metavar: str = "N"
 
 
-DOWNLOAD = ("serve", "fetch")
+DOWNLOAD = ("serve", "fetch", "retry")
 OPTIONS = (
     Option("host", "0.0.0.0", _text, "listen address (IPv6 literal allowed)", metavar="HOST"),
     Option("port", "3000", _int_range(0, 65535), "listen port (0: any free port)",
            metavar="PORT"),
     Option("path", "/suno-cover-callback", _callback_path, "the callback path", metavar="PATH"),
-    Option("dir", "./covers", _folder, "where tasks and covers live; created if missing",
-           ("serve", "fetch", "status"), metavar="DIR"),
+    Option("dir", "./covers", _folder, "where tasks and covers live (serve, fetch and retry "
+           "create it)", ("serve", "fetch", "retry", "status"), metavar="DIR"),
     Option("workers", "4", _int_range(1, 64), "downloads running at once", DOWNLOAD),
-    Option("attempts", "5", _int_range(1, 100), "tries per image before it fails for good",
-           DOWNLOAD),
-    Option("timeout", "30", _seconds(0.1), "seconds for one network step (connect, each read)",
+    Option("attempts", "0", _int_range(0, 100000), "tries per image before it fails for good "
+           "(0: no limit but --retry-for)", DOWNLOAD),
+    Option("retry-for", "1209600", _seconds(0), "keep trying an image this long after its "
+           "task was received (image URLs live 14 days)", DOWNLOAD, metavar="SECONDS"),
+    Option("max-backoff", "600", _seconds(0.01, 86400), "longest wait between tries of one "
+           "image (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
+    Option("timeout", "30", _seconds(0.1, 3600), "seconds for one network step (connect, each read)",
            DOWNLOAD, metavar="SECONDS"),
     Option("max-image-bytes", "26214400", _int_range(1), "larger images are refused", DOWNLOAD),
     Option("max-body-bytes", "1048576", _int_range(1), "larger callbacks get 413"),
@@ -382,7 +427,7 @@ OPTIONS = (
     Option("drain-seconds", "10", _seconds(0), "on SIGTERM, time running downloads may finish",
            metavar="SECONDS"),
     Option("max-connections", "64", _int_range(1, 10000), "connections served at once"),
-    Option("request-timeout", "10", _seconds(0.1), "seconds a client has to send its request",
+    Option("request-timeout", "10", _seconds(0.1, 3600), "seconds a client has to send its request",
            metavar="SECONDS"),
     Option("api-base", "https://api.sunoapi.org", _api_base,
            "record-info API base (kie.ai: https://api.kie.ai)", ("fetch",), metavar="URL"),
@@ -404,6 +449,8 @@ class Config:
     dir: str = None
     workers: int = None
     attempts: int = None
+    retry_for: float = None
+    max_backoff: float = None
     timeout: float = None
     max_image_bytes: int = None
     max_body_bytes: int = None
@@ -445,12 +492,16 @@ def build_parser():
     parser = ArgumentParser(prog="cover_receiver.py", allow_abbrev=False, description=overview,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="cover_receiver " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,fetch,status}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,fetch,retry,status}")
     helps = {"serve": overview,
              "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
                       "download its covers as a callback would. Exit 0 all done, 1 any\n"
                       "failed, 2 usage, 3 any still generating after --wait.",
-             "status": "List the tasks in --dir, or print one task's record as JSON."}
+             "retry": "Try the failed images of each TASKID (every failed task when none is\n"
+                      "named) again now, downloading them here. Exit 0 when every task\n"
+                      "ends done, else 1.",
+             "status": "List the tasks in --dir with why each failed or when it is tried\n"
+                       "again, or print one task's record as JSON."}
     for command, text in helps.items():
         sub = commands.add_parser(command, help=text.splitlines()[0], description=text,
                                   epilog=epilog, allow_abbrev=False,
@@ -459,6 +510,8 @@ def build_parser():
             sub.add_argument("task_ids", nargs="+", metavar="TASKID")
         if command == "status":
             sub.add_argument("task_ids", nargs="?", metavar="TASKID")
+        if command == "retry":
+            sub.add_argument("task_ids", nargs="*", metavar="TASKID")
         for opt in OPTIONS:
             if command in opt.commands:
                 default = "" if opt.default is None else " (default: %s)" % opt.default
@@ -467,22 +520,31 @@ def build_parser():
     return parser
 
 
-def _read_secret(path, env, env_name):
-    """A secret from a file (one trailing newline stripped) or from env_name."""
+def _read_secret(path, env, env_name, option):
+    """A secret from a file (one trailing newline stripped) or from env_name;
+    None when neither is given. Set but empty is an error: it would silently
+    turn protection off."""
     if not path:
-        return env.get(env_name, "").encode() or None
+        if env_name not in env:
+            return None
+        if not env[env_name]:
+            raise UsageError("%s is set but empty: give it the secret or unset it" % env_name)
+        return env[env_name].encode()
     with open(path, "rb") as handle:
         value = handle.read()
     for ending in (b"\r\n", b"\n"):
         if value.endswith(ending):
-            return value[:-len(ending)] or None
-    return value or None
+            value = value[:-len(ending)]
+            break
+    if not value:
+        raise UsageError("%s %s: the file is empty" % (option, path))
+    return value
 
 
 def build_config(argv, env):
     """Parse argv + env into a Config, or raise UsageError naming the option."""
     argv = list(argv)
-    if not argv or argv[0] not in ("serve", "fetch", "status", "--version"):
+    if not argv or argv[0] not in ("serve", "fetch", "retry", "status", "--version"):
         argv.insert(0, "serve")          # serve is the default subcommand
     args = build_parser().parse_args(argv)
     values = {"command": args.command}
@@ -508,10 +570,11 @@ def build_config(argv, env):
         if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
             raise UsageError("--tls-cert and --tls-key go together")
         values["hmac_key"] = _read_secret(values.pop("hmac_key_file", None), env,
-                                          ENV_PREFIX + "HMAC_KEY")
-        token = _read_secret(values.pop("token_file", None), env, ENV_PREFIX + "TOKEN")
+                                          ENV_PREFIX + "HMAC_KEY", "--hmac-key-file")
+        token = _read_secret(values.pop("token_file", None), env, ENV_PREFIX + "TOKEN",
+                             "--token-file")
         values["token"] = token.decode("utf-8", "replace") if token else None
-    if args.command in ("fetch", "status"):
+    if args.command in ("fetch", "retry", "status"):
         ids = args.task_ids if isinstance(args.task_ids, list) else [args.task_ids]
         for task_id in ids:
             if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
@@ -547,7 +610,7 @@ class Callback:
             raise BadCallback("msg must be a string")
         if not isinstance(data, dict):
             raise BadCallback("data must be an object")
-        task_id = data.get("taskId")
+        task_id = callback_task_id(obj)
         if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
             raise BadCallback("data.taskId must match %s" % TASK_ID_RE.pattern)
         if code != 200:
@@ -560,6 +623,14 @@ class Callback:
             if problem:
                 raise BadCallback("data.images[%d] %s" % (number - 1, problem))
         return cls(task_id, code, msg, tuple(images))
+
+
+def callback_task_id(obj):
+    """data.taskId, or data.task_id as kie.ai's verification sample reads it."""
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return data["taskId"] if "taskId" in data else data.get("task_id")
 
 
 def url_problem(url):
@@ -590,9 +661,10 @@ def verify_signature(key, task_id, timestamp, signature, now):
     """Raise Unauthorized unless the kie.ai headers prove the sender knows key."""
     if not timestamp or not signature:
         raise Unauthorized("missing X-Webhook-Timestamp or X-Webhook-Signature")
-    if not re.fullmatch(r"[0-9]{1,12}", timestamp.strip()):
+    seconds = parse_digits(timestamp)
+    if seconds is None:
         raise Unauthorized("X-Webhook-Timestamp must be unix seconds")
-    if abs(now - int(timestamp)) > SIGNATURE_WINDOW:
+    if abs(now - seconds) > SIGNATURE_WINDOW:
         raise Unauthorized("X-Webhook-Timestamp is more than %d s from now" % SIGNATURE_WINDOW)
     try:
         given = base64.b64decode(signature.strip(), validate=True)
@@ -600,7 +672,7 @@ def verify_signature(key, task_id, timestamp, signature, now):
         raise Unauthorized("X-Webhook-Signature is not base64") from None
     if not isinstance(task_id, str):
         raise Unauthorized("no data.taskId to verify the signature against")
-    expected = base64.b64decode(webhook_signature(key, task_id, timestamp.strip()))
+    expected = base64.b64decode(webhook_signature(key, task_id, timestamp.strip(" \t")))
     if not hmac.compare_digest(expected, given):
         raise Unauthorized("signature does not match")
 
@@ -612,32 +684,179 @@ def verify_token(token, query):
 
 
 # ---------------------------------------------------------------------------
+# Platform: every step that differs between POSIX and Windows
+# ---------------------------------------------------------------------------
+
+class Platform:
+    """The few OS differences, in one place; the rest of the module never asks."""
+
+    STOP_SIGNALS = ((signal.SIGINT, signal.SIGBREAK) if WINDOWS     # Ctrl+C, Ctrl+Break
+                    else (signal.SIGTERM, signal.SIGINT))
+    BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK)
+
+    @classmethod
+    def lock(cls, fd, wait):
+        """Lock fd's file exclusively; False if it is held and wait is False.
+        flock and msvcrt.locking locks belong to one open file, so two threads
+        exclude each other as two processes do, and die with their process."""
+        while True:
+            try:
+                if WINDOWS:
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                return True
+            except OSError as exc:
+                if exc.errno not in cls.BUSY_ERRNOS:
+                    raise
+            if not wait:
+                return False
+            time.sleep(0.005)           # Windows only: LK_LOCK would give up after 10 s
+
+    @staticmethod
+    def unlock_and_remove(fd, path):
+        """Release a lock file and delete it. POSIX deletes it while still held:
+        a waiter then wakes on a deleted file, which LockFile notices. Windows
+        cannot delete an open file, so it unlocks first and leaves the file to
+        whoever opened it meanwhile."""
+        if WINDOWS:
+            with contextlib.suppress(OSError):
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+
+    @staticmethod
+    def fsync_dir(path):
+        """Make renames and new names in path durable. Windows has no directory
+        fsync: there the file's fsync plus the rename is all there is (README)."""
+        if WINDOWS:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def replace(source, target):
+        """os.replace; on Windows it fails while any process has target open (a
+        status reader), so try again briefly before giving up."""
+        for _ in range(100 if WINDOWS else 0):
+            try:
+                return os.replace(source, target)
+            except PermissionError:
+                time.sleep(0.01)
+        return os.replace(source, target)
+
+    @staticmethod
+    def new_process_group():
+        """Popen arguments that let kill_group() end a hook and its children."""
+        if WINDOWS:
+            return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        return {"start_new_session": True}
+
+    @staticmethod
+    def kill_group(process):
+        with contextlib.suppress(OSError):
+            if WINDOWS:
+                process.kill()              # TerminateProcess: no POSIX process groups
+            else:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+class LockFile:
+    """An exclusive lock shared by threads and processes: a file under
+    <dir>/.locks that exists only while it is held."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self, wait=True):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if not Platform.lock(fd, wait):
+                    os.close(fd)
+                    return False
+                if self._still_at_path(fd):
+                    self.fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)                # its holder removed it: lock the new one
+
+    def release(self):
+        fd, self.fd = self.fd, None
+        Platform.unlock_and_remove(fd, self.path)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _still_at_path(self, fd):
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
+# ---------------------------------------------------------------------------
 # Store: the only code that touches <dir>
 # ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a claim found for one image: where to get it and its schedule."""
+    url: str
+    tries: int
+    due: float                  # unix time of the next try (0: now)
+    received: float             # unix time the task was received
+    saved_as: str = None        # a cover already under its final name: adopt it
+
 
 class TaskStore:
     """Task records and covers under one folder.
 
-    task.json is the idempotency marker, replaced atomically. <dir>/.pending/
-    holds an empty file per unfinished task so start-up never reads finished
-    records. flock on a task's folder serialises record updates, and flock on
-    .cover_<n>.lock claims one image, across threads and processes alike
-    (serve and fetch may share a folder); a dead process's locks vanish with it.
+    A new task is built in a hidden folder, its task.json fsynced, renamed into
+    place and made durable by one fsync of <dir>; the rename fails when the task
+    exists, which is the duplicate signal. <dir>/.pending.<taskId> marks an
+    unfinished task, so start-up never reads finished records. Lock files under
+    <dir>/.locks serialise record updates (<taskId>) and claim one image
+    (<taskId>.<n>) across threads and processes (serve, fetch and retry may
+    share a folder).
     """
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
-        self.pending_dir = os.path.join(self.root, PENDING_DIR)
+        self.locks = os.path.join(self.root, LOCKS_DIR)
+        self._pid = os.getpid()
+        self._serial = itertools.count()        # unique temp names without getrandom()
 
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
-        os.makedirs(self.pending_dir, exist_ok=True)
+        os.makedirs(self.locks, exist_ok=True)
         self.probe()
 
     def probe(self):
-        path = os.path.join(self.root, ".probe-%s" % secrets.token_hex(4))
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(path)
+        """A real small durable write: an empty file needs no data blocks, so
+        it would succeed on a full disk."""
+        path = self._temp_name(self.root, ".probe")
+        try:
+            write_durably(path, b"\0" * PROBE_BYTES)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def task_dir(self, task_id):
         if not TASK_ID_RE.fullmatch(task_id):       # defence in depth: never leave <dir>
@@ -653,11 +872,16 @@ class TaskStore:
         except ValueError:
             log_event("record-unreadable", task_id, logging.WARNING)
             return None
-        return record if isinstance(record, dict) else None
+        return upgrade_record(record) if isinstance(record, dict) else None
+
+    def pending_ids(self, names=None):
+        names = os.listdir(self.root) if names is None else names
+        return sorted(n[len(PENDING_PREFIX):] for n in names if n.startswith(PENDING_PREFIX)
+                      and TASK_ID_RE.fullmatch(n[len(PENDING_PREFIX):]))
 
     def pending_count(self):
         try:
-            return len(os.listdir(self.pending_dir))
+            return len(self.pending_ids())
         except OSError:
             return 0
 
@@ -671,66 +895,92 @@ class TaskStore:
     # -- accepting a callback ------------------------------------------------
 
     def accept(self, callback):
-        """Make callback durable. Returns ("received" | "duplicate", indexes of
-        images still to download)."""
+        """Make callback durable. Returns ("received" | "duplicate", record).
+        No answer may leave before what it reports is durable, on any path."""
         try:
-            return self._accept(callback)
+            record = new_record(callback)
+            if self._create(callback.task_id, record):
+                return "received", record
+            return self._accept_again(callback)
         except OSError as exc:
             raise Unavailable("cannot record the task durably: %s" % (exc.strerror or exc)) from exc
 
-    def _accept(self, callback):
-        path = self.task_dir(callback.task_id)
+    def _create(self, task_id, record):
+        """Two fsyncs: task.json in a hidden folder, then <dir> after the
+        folder is renamed into place. False when the task exists already."""
+        building, path = self._temp_name(self.root, NEW_PREFIX + task_id), self.task_dir(task_id)
+        os.mkdir(building)
         try:
-            os.mkdir(path)
-            fsync_dir(self.root)
-            fresh = True
-        except FileExistsError:
-            fresh = False
+            write_durably(os.path.join(building, "task.json"), encode_record(record))
+            os.rename(building, path)
+        except OSError:
+            shutil.rmtree(building, ignore_errors=True)
+            if os.path.isdir(path):
+                return False
+            raise
+        if record["status"] == PENDING:
+            self._mark(task_id)
+        Platform.fsync_dir(self.root)
+        return True
+
+    def _accept_again(self, callback):
+        path = self.task_dir(callback.task_id)
         with self._locked(callback.task_id):
             record = self.read(callback.task_id)
-            if record is None:
-                if not fresh:
-                    self._sweep(path)
+            if record is None:                  # a folder without a record: start it anew
+                self._sweep(callback.task_id)
                 record = new_record(callback)
             elif record["status"] == FAILED and callback.code == 200:
                 reopen_record(record, callback)
             else:
-                return "duplicate", missing_images(record)
+                # Another delivery may still be inside its fsync, or its fsync
+                # failed: make what we are about to report durable ourselves.
+                if record["status"] == PENDING:
+                    self._mark(callback.task_id)
+                Platform.fsync_dir(path)
+                Platform.fsync_dir(self.root)
+                return "duplicate", record
+            self._write(callback.task_id, record)
             if record["status"] == PENDING:
                 self._mark(callback.task_id)
-            self._write(path, record)
-            return "received", missing_images(record)
+            Platform.fsync_dir(self.root)
+            return "received", record
+
+    def reopen_failed(self, task_id):
+        """retry: make a failed task's failed images pending again. Returns the
+        record, or None when there is no such task."""
+        with self._locked(task_id):
+            record = self.read(task_id)
+            if record is None or record["status"] != FAILED or not record["images"]:
+                return record
+            reopen_record(record, None)
+            self._write(task_id, record)
+            self._mark(task_id)
+            Platform.fsync_dir(self.root)
+            return record
 
     # -- downloading one image -------------------------------------------------
 
     @contextlib.contextmanager
     def claim(self, task_id, index, abort):
-        """Hold image index of task_id for one downloader. Yields its URL, or
+        """Hold image index of task_id for one downloader. Yields a Job, or
         None when there is nothing left to do for it."""
-        path = self.task_dir(task_id)
-        lock = os.path.join(path, ".cover_%d.lock" % (index + 1))
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = LockFile(self._lock_path(task_id, index + 1))
+        while not lock.acquire(wait=False):     # another process has it: wait for it
+            if abort.wait(CLAIM_POLL):
+                raise Aborted("stopping")
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:      # another process has it: wait for it
-                    if abort.wait(CLAIM_POLL):
-                        raise Aborted("stopping") from None
             record = self.read(task_id)
             if record is None or index not in missing_images(record):
                 yield None
                 return
-            for ext in COVER_EXTS:           # saved just before a crash: adopt, no re-download
-                name = "cover_%d.%s" % (index + 1, ext)
-                if os.path.exists(os.path.join(path, name)):
-                    self.settle(task_id, index, name, None)
-                    yield None
-                    return
-            yield record["images"][index]
+            saved = [name for name in ("cover_%d.%s" % (index + 1, ext) for ext in COVER_EXTS)
+                     if os.path.exists(os.path.join(self.task_dir(task_id), name))]
+            yield Job(record["images"][index], record["tries"][index],
+                      parse_utc(record["nextTryAt"][index]) or 0.0,
+                      parse_utc(record["receivedAt"]) or time.time(), (saved or [None])[0])
         finally:
-            os.close(fd)
+            lock.release()
 
     def save_cover(self, task_id, index, write):
         """Run write(file) into a hidden temp file, then fsync and rename it to
@@ -745,109 +995,143 @@ class TaskStore:
                 os.fsync(handle.fileno())
                 size = handle.tell()
             name = "cover_%d.%s" % (index + 1, ext)
-            os.replace(part, os.path.join(path, name))
+            Platform.replace(part, os.path.join(path, name))
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(part)
             raise
         # No fsync of the folder here: settle() writes task.json into the same
         # folder and fsyncs it, which makes this rename durable too.
-        return self.settle(task_id, index, name, None), size
+        return self.settle(task_id, index, name=name), size
 
-    def settle(self, task_id, index, name, error):
+    def settle(self, task_id, index, name=None, error=None):
         """Record image index as saved (name) or failed for good (error).
         Returns the task's new status when this ended the task, else None."""
-        path = self.task_dir(task_id)
-        with self._locked(task_id):
-            record = self.read(task_id)
-            if record is None or record["status"] != PENDING or index >= len(record["files"]):
-                return None
-            record["files"][index] = name
-            record["errors"][index] = error
+        def change(record):
+            record["files"][index], record["errors"][index] = name, error
+            record["nextTryAt"][index] = None
             if missing_images(record):
-                self._write(path, record)
                 return None
             failed = [e for e in record["errors"] if e]
             record["status"] = FAILED if failed else DONE
             record["error"] = "; ".join(failed) if failed else None
-            self._write(path, record)
-            self._unmark(task_id)
-            if record["status"] == DONE:
-                for number in range(1, len(record["files"]) + 1):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(path, ".cover_%d.lock" % number))
             return record["status"]
+        return self._update(task_id, index, change)
+
+    def postpone(self, task_id, index, reason, tries, due):
+        """Image index failed a try for a passing reason: try again at due."""
+        def change(record):
+            record["tries"][index], record["lastError"][index] = tries, reason
+            record["nextTryAt"][index] = utc_now(due)
+        self._update(task_id, index, change)
 
     # -- start-up --------------------------------------------------------------
 
     def recover(self):
-        """Clean temp files of unfinished tasks; return [(taskId, indexes)]."""
+        """Start-up sweep: remove what dead writers left (temp folders and
+        files, lock files), migrate 1.0's index, and return the pending work
+        as [(taskId, image index, due)]."""
+        names = os.listdir(self.root)
+        for name in names:
+            if name.startswith((NEW_PREFIX, ".probe.")):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.root, name))
+        for name in os.listdir(self.locks):
+            lock = LockFile(os.path.join(self.locks, name))
+            if lock.acquire(wait=False):
+                lock.release()
+        names += self._migrate_legacy_index()
+        for task_id in self.pending_ids(names):
+            with self._locked(task_id):
+                self._sweep(task_id)
+        return self.pending_work()
+
+    def pending_work(self, known=()):
+        """[(taskId, image index, due)] of the pending tasks not in known;
+        markers of tasks that ended are removed."""
         work = []
-        for task_id in sorted(os.listdir(self.pending_dir)):
-            if not TASK_ID_RE.fullmatch(task_id) or not os.path.isdir(self.task_dir(task_id)):
+        for task_id in self.pending_ids():
+            if task_id in known:
+                continue
+            record = self.read(task_id)
+            if record is None or record["status"] != PENDING:
                 self._unmark(task_id)
                 continue
-            with self._locked(task_id):
-                self._sweep(self.task_dir(task_id))
-                record = self.read(task_id)
-                if record is None or record["status"] != PENDING:
-                    self._unmark(task_id)
-                    continue
-            work.append((task_id, missing_images(record)))
+            work += pending_jobs(record)
         return work
 
     # -- internals ---------------------------------------------------------------
 
-    @contextlib.contextmanager
+    def _update(self, task_id, index, change):
+        with self._locked(task_id):
+            record = self.read(task_id)
+            if record is None or record["status"] != PENDING or index >= len(record["files"]):
+                return None
+            ended = change(record)
+            self._write(task_id, record)
+            if ended:
+                self._unmark(task_id)
+            return ended
+
     def _locked(self, task_id):
-        fd = os.open(self.task_dir(task_id), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return LockFile(self._lock_path(task_id))
 
-    def _sweep(self, path):
+    def _lock_path(self, task_id, image=None):
+        self.task_dir(task_id)                  # validates task_id
+        return os.path.join(self.locks, task_id + ("" if image is None else ".%s" % image))
+
+    def _temp_name(self, folder, prefix):
+        return os.path.join(folder, "%s.%d.%d" % (prefix, self._pid, next(self._serial)))
+
+    def _sweep(self, task_id):
         """Remove temp files nobody is writing (caller holds the task lock)."""
-        for entry in os.scandir(path):
-            if entry.name.startswith(".task.json."):
-                os.unlink(entry.path)
-            elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
-                lock = os.path.join(path, entry.name[:-5] + ".lock")
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = self.task_dir(task_id)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(path):
+                if entry.name.startswith(".task.json."):
                     os.unlink(entry.path)
-                except BlockingIOError:
-                    pass                    # a live downloader owns it
-                finally:
-                    os.close(fd)
+                elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
+                    claim = LockFile(self._lock_path(task_id, entry.name[7:-5]))
+                    if claim.acquire(wait=False):       # else a live downloader owns it
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                        claim.release()
 
-    def _write(self, path, record):
+    def _write(self, task_id, record):
         """Atomic replace: temp file, fsync, rename, fsync of the folder."""
+        path = self.task_dir(task_id)
         record["updatedAt"] = utc_now()
-        data = (json.dumps(record) + "\n").encode("utf-8")   # compact: C encoder
-        tmp = os.path.join(path, ".task.json.%s.tmp" % secrets.token_hex(4))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = self._temp_name(path, ".task.json")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, os.path.join(path, "task.json"))
+            write_durably(tmp, encode_record(record))
+            Platform.replace(tmp, os.path.join(path, "task.json"))
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        fsync_dir(path)
+        Platform.fsync_dir(path)
 
     def _mark(self, task_id):
-        os.close(os.open(os.path.join(self.pending_dir, task_id), os.O_WRONLY | os.O_CREAT, 0o644))
-        fsync_dir(self.pending_dir)
+        """The caller fsyncs <dir>, which makes the marker durable."""
+        os.close(os.open(os.path.join(self.root, PENDING_PREFIX + task_id),
+                         os.O_WRONLY | os.O_CREAT, 0o644))
 
     def _unmark(self, task_id):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.pending_dir, task_id))
+            os.unlink(os.path.join(self.root, PENDING_PREFIX + task_id))
+
+    def _migrate_legacy_index(self):
+        """1.0 kept <dir>/.pending/<taskId>: turn it into markers."""
+        legacy = os.path.join(self.root, LEGACY_PENDING_DIR)
+        if not os.path.isdir(legacy):
+            return []
+        moved = [name for name in os.listdir(legacy) if TASK_ID_RE.fullmatch(name)]
+        for task_id in moved:
+            self._mark(task_id)
+        Platform.fsync_dir(self.root)
+        shutil.rmtree(legacy, ignore_errors=True)
+        return [PENDING_PREFIX + task_id for task_id in moved]
 
 
 def open_store(config):
@@ -861,34 +1145,65 @@ def open_store(config):
     return store
 
 
+def write_durably(path, data):
+    """Create path holding data and fsync it (os.open: no buffering layer)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(record):
+    return (json.dumps(record) + "\n").encode("utf-8")     # compact: json's C encoder
+
+
 def new_record(callback):
     now = utc_now()
     ok = callback.code == 200
+    count = len(callback.images)
     return {
         "taskId": callback.task_id,
         "status": PENDING if ok else FAILED,
         "code": callback.code,
         "msg": callback.msg,
         "images": list(callback.images),
-        "files": [None] * len(callback.images),
-        "errors": [None] * len(callback.images),
+        "files": [None] * count,
+        "errors": [None] * count,           # per image: why it failed for good
+        "tries": [0] * count,               # per image: failed tries so far
+        "lastError": [None] * count,        # per image: why the last try failed
+        "nextTryAt": [None] * count,        # per image: when it is tried again
         "error": None if ok else "generation failed: code %d: %s" % (callback.code, callback.msg),
         "receivedAt": now,
         "updatedAt": now,
     }
 
 
+def upgrade_record(record):
+    """Records written by 1.0 lack the retry fields."""
+    count = len(record.get("images") or ())
+    for key, empty in (("tries", 0), ("lastError", None), ("nextTryAt", None)):
+        if len(record.get(key) or ()) != count:
+            record[key] = [empty] * count
+    return record
+
+
 def reopen_record(record, callback):
-    """A success callback for a failed task: retry what is missing, using the
-    callback's (possibly fresher) URL for each missing image."""
-    if not any(record["files"]):
-        record["images"] = list(callback.images)
-        record["files"] = [None] * len(callback.images)
-    for index, name in enumerate(record["files"]):
-        if name is None and index < len(callback.images):
-            record["images"][index] = callback.images[index]
-    record["errors"] = [None] * len(record["files"])
-    record.update(status=PENDING, code=callback.code, msg=callback.msg, error=None)
+    """Make a failed task pending again for its missing images: a success
+    callback brings (possibly fresher) URLs; retry (callback None) keeps them."""
+    if callback is not None:
+        if not any(record["files"]):
+            record.update(images=list(callback.images), files=[None] * len(callback.images))
+        for index, name in enumerate(record["files"]):
+            if name is None and index < len(callback.images):
+                record["images"][index] = callback.images[index]
+        record.update(code=callback.code, msg=callback.msg)
+    count = len(record["files"])
+    record.update(status=PENDING, error=None, errors=[None] * count, tries=[0] * count,
+                  lastError=[None] * count, nextTryAt=[None] * count)
 
 
 def missing_images(record):
@@ -896,6 +1211,13 @@ def missing_images(record):
         return []
     return [i for i, (name, error) in enumerate(zip(record["files"], record["errors"]))
             if name is None and error is None]
+
+
+def pending_jobs(record):
+    """The record's images still to download, as DownloadQueue jobs
+    (taskId, index, due), each due at its scheduled next try."""
+    return [(record["taskId"], i, parse_utc(record["nextTryAt"][i]) or 0.0)
+            for i in missing_images(record)]
 
 
 # ---------------------------------------------------------------------------
@@ -943,18 +1265,18 @@ class DownloadPolicy:
                    for p in self.allow_hosts)
 
     def vet(self, url):
+        problem = url_problem(url)          # the same rules as a callback's URLs
+        if problem:
+            raise Permanent("refused: URL %s" % problem)
         parts = urllib.parse.urlsplit(url)
-        scheme, host = parts.scheme.lower(), (parts.hostname or "").rstrip(".")
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-            host.encode("ascii")
-        except (ValueError, UnicodeError):
-            raise Permanent("refused: malformed URL") from None
+        scheme, host = parts.scheme.lower(), parts.hostname.rstrip(".")
+        port = parts.port or (443 if scheme == "https" else 80)
         if self.allow_hosts:
-            if scheme not in ("http", "https") or not self.host_allowed(host):
+            if not self.host_allowed(host):
                 raise Permanent("refused: host %s is not in --allow-host" % host)
         elif scheme != "https":
-            raise Permanent("refused: only https URLs are fetched")
+            raise Permanent("refused: only https URLs are fetched (--allow-host HOST "
+                            "allows http from HOST)")
         try:
             addresses = tuple(dict.fromkeys(self.resolver(host, port)))
         except (OSError, UnicodeError) as exc:
@@ -1046,35 +1368,45 @@ class Fetcher:
     def fetch(self, url, out, abort):
         """Write the image at url to out; return its extension."""
         for _hop in range(MAX_REDIRECTS + 1):
-            target = self.policy.vet(url)
-            conn = PinnedConnection(target, self.timeout, self.tls, abort)
+            target, conn = self.policy.vet(url), None
+            # Whatever a remote server sends ends as Retryable or Permanent.
             try:
+                conn = PinnedConnection(target, self.timeout, self.tls, abort)
                 # Never an Authorization header: the image host gets nothing secret.
                 conn.request("GET", target.request_path, headers={
                     "User-Agent": self.user_agent, "Accept": "image/*",
                     "Accept-Encoding": "identity"})
                 response = conn.getresponse()
-                if response.status in REDIRECT_STATUSES and response.getheader("Location"):
-                    url = urllib.parse.urljoin(url, response.getheader("Location").strip())
+                location = response.getheader("Location")
+                if response.status in REDIRECT_STATUSES and location:
+                    url = urllib.parse.urljoin(url, location.strip())   # vetted next hop
                     continue
                 if response.status == 200:
                     return self._stream(response, out, abort)
                 raise _status_error(response)
             except ssl.SSLCertVerificationError as exc:
                 raise Permanent("TLS certificate rejected: %s" % exc.verify_message) from None
+            except http.client.InvalidURL as exc:
+                raise Permanent("refused: %s" % exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 if abort.is_set():
                     raise Aborted("stopping") from None
                 raise Retryable(_network_reason(exc)) from None
+            except ValueError as exc:           # a malformed Location, header or URL
+                raise Permanent("malformed answer: %s" % exc) from None
             finally:
-                abort.forget(conn.watched)
-                conn.close()
+                if conn is not None:
+                    abort.forget(conn.watched)
+                    conn.close()
         raise Permanent("more than %d redirects" % MAX_REDIRECTS)
 
     def _stream(self, response, out, abort):
-        declared = response.getheader("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise Permanent("larger than --max-image-bytes (%s bytes)" % declared)
+        header = response.getheader("Content-Length")
+        declared = parse_digits(header)
+        if header is not None and declared is None:
+            raise Permanent("malformed Content-Length %s" % escape(header, 30))
+        if declared is not None and declared > self.max_bytes:
+            raise Permanent("larger than --max-image-bytes (%d bytes)" % declared)
         head, total, ext = b"", 0, None
         buffer = memoryview(bytearray(CHUNK))     # one buffer per image: memory stays flat
         while True:
@@ -1094,8 +1426,8 @@ class Fetcher:
                         raise Permanent("not an image (starts %r)" % head[:12])
             out.write(buffer[:size])
         # readinto() returns 0 at a premature EOF instead of raising IncompleteRead.
-        if declared and declared.isdigit() and total != int(declared):
-            raise Retryable("connection closed after %d of %s bytes" % (total, declared))
+        if declared is not None and total != declared:
+            raise Retryable("connection closed after %d of %d bytes" % (total, declared))
         ext = ext or sniff_image(head)
         if ext is None:
             raise Permanent("not an image (%d bytes)" % total)
@@ -1168,16 +1500,21 @@ class Metrics:
 
 
 class DownloadQueue:
-    """A bounded pool of worker threads fed (taskId, image index) jobs."""
+    """Worker threads fed (taskId, image index) jobs from a heap ordered by
+    due time, so an image waiting for its next try holds no thread. A job is
+    never queued twice; after a passing failure it goes back in, due at its
+    next try (retry_later), until the --retry-for deadline or --attempts."""
 
-    def __init__(self, config, store, fetcher, metrics, on_task_end):
+    def __init__(self, config, store, fetcher, metrics, on_task_end, retry_later=True):
         self.config, self.store, self.fetcher, self.metrics = config, store, fetcher, metrics
-        self.on_task_end = on_task_end
+        self.on_task_end, self.retry_later = on_task_end, retry_later
+        self.backoff = Backoff(config.backoff_base, config.max_backoff)
         self.abort = AbortSignal()
-        self._jobs = queue.Queue()
         self._changed = threading.Condition()
-        self._queued = set()          # (taskId, index) queued or running: never twice
-        self._running = 0
+        self._heap = []               # (due, serial, key): the jobs waiting to run
+        self._due = {}                # key -> due for every job in the heap
+        self._running = set()
+        self._serial = itertools.count()
         self._stopping = False
         self._threads = [threading.Thread(target=self._work, name="download-%d" % n, daemon=True)
                          for n in range(config.workers)]
@@ -1186,16 +1523,27 @@ class DownloadQueue:
         for thread in self._threads:
             thread.start()
 
-    def put(self, task_id, indexes):
+    def put(self, jobs):
+        """Queue (taskId, index, due) jobs; one already queued or running stays as it is."""
         with self._changed:
-            for index in indexes:
-                if (task_id, index) not in self._queued and not self._stopping:
-                    self._queued.add((task_id, index))
-                    self._jobs.put((task_id, index))
+            for task_id, index, due in jobs:
+                key = (task_id, index)
+                if key not in self._due and key not in self._running and not self._stopping:
+                    self._push(key, due)
 
     @property
     def in_flight(self):
-        return self._running
+        return len(self._running)
+
+    def waiting(self):
+        """Images waiting for a later try."""
+        now = time.time()
+        with self._changed:
+            return sum(1 for due in self._due.values() if due > now)
+
+    def tasks(self):
+        with self._changed:
+            return {key[0] for key in itertools.chain(self._due, self._running)}
 
     def alive(self):
         return all(thread.is_alive() for thread in self._threads)
@@ -1203,82 +1551,108 @@ class DownloadQueue:
     def wait_task(self, task_id, timeout=None):
         """Block until no job of task_id is queued or running."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: not any(key[0] == task_id for key in self._queued), timeout)
+            return self._changed.wait_for(lambda: task_id not in self.tasks(), timeout)
 
     def stop(self, drain_seconds):
-        """Take no new jobs, give running ones drain_seconds, abort the rest."""
+        """Take no new jobs, give running ones drain_seconds, abort the rest;
+        what is left stays pending on disk."""
         with self._changed:
             self._stopping = True
-            self._changed.wait_for(lambda: self._running == 0, drain_seconds)
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: not self._running, drain_seconds)
         self.abort.fire()
-        for _ in self._threads:
-            self._jobs.put(None)
         deadline = time.monotonic() + 5
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    def _push(self, key, due):
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, next(self._serial), key))
+        self._changed.notify_all()
+
+    def _take(self):
+        """The next due job, waiting for it; None once stopping."""
+        with self._changed:
+            while not self._stopping:
+                now = time.time()
+                if self._heap and self._heap[0][0] <= now:
+                    key = heapq.heappop(self._heap)[2]
+                    del self._due[key]
+                    self._running.add(key)
+                    return key
+                # Wake at least every minute: the wall clock may jump.
+                self._changed.wait(min(self._heap[0][0] - now, 60.0) if self._heap else None)
+            return None
+
     def _work(self):
         while True:
-            job = self._jobs.get()
-            if job is None:
+            key = self._take()
+            if key is None:
                 return
-            with self._changed:
-                if self._stopping:       # left pending on disk; resumed at next start
-                    self._queued.discard(job)
-                    self._changed.notify_all()
-                    continue
-                self._running += 1
+            again = None
             try:
-                self._download(*job)
+                again = self._download(*key)
             except Aborted:
-                log_event("download-aborted", job[0], image=job[1] + 1, note="left pending")
-            except Exception:          # thread boundary: log, keep the worker alive
-                LOG.exception("download crashed task=%s image=%d", escape(job[0]), job[1] + 1)
+                log_event("download-aborted", key[0], image=key[1] + 1, note="left pending")
+            except Exception:      # thread boundary: log, keep the worker, never lose the job
+                LOG.exception("download crashed task=%s image=%d", escape(key[0]), key[1] + 1)
+                again = time.time() + self.backoff.delay(5)
             finally:
                 with self._changed:
-                    self._queued.discard(job)
-                    self._running -= 1
+                    self._running.discard(key)
+                    if again is not None and self.retry_later and not self._stopping:
+                        self._push(key, again)
                     self._changed.notify_all()
 
     def _download(self, task_id, index):
-        with self.store.claim(task_id, index, self.abort) as url:
-            if url is None:
-                return
-            def write(out):
-                return self.fetcher.fetch(url, out, self.abort)
-            for attempt in range(1, self.config.attempts + 1):
-                started = time.monotonic()
-                try:
-                    ended, size = self.store.save_cover(task_id, index, write)
-                except Retryable as exc:
-                    if attempt == self.config.attempts:
-                        return self._fail(task_id, index, "%s (after %d tries)" % (exc, attempt))
-                    delay = backoff_delay(attempt, self.config.backoff_base, exc.retry_after)
-                    self.metrics.inc("download_retries_total")
-                    log_event("retry", task_id, image=index + 1, attempt=attempt, reason=exc,
-                              wait="%.2fs" % delay)
-                    if self.abort.wait(delay):
-                        raise Aborted("stopping") from None
-                    continue
-                except Permanent as exc:
-                    return self._fail(task_id, index, str(exc))
-                self.metrics.inc("downloads_total", "saved")
-                self.metrics.inc("downloaded_bytes_total", amount=size)
-                log_event("downloaded", task_id, image=index + 1, bytes=size,
-                          ms=int((time.monotonic() - started) * 1000))
-                return self._ended(task_id, ended)
+        """One try at one image. Returns when to try again, or None."""
+        with self.store.claim(task_id, index, self.abort) as job:
+            if job is None:
+                return None
+            if job.saved_as:                # renamed into place just before a crash: adopt it
+                return self.end_task(task_id, self.store.settle(task_id, index, name=job.saved_as))
+            if job.due > time.time():       # scheduled later, perhaps by another process
+                return job.due
+            started = time.monotonic()
+            try:
+                ended, size = self.store.save_cover(
+                    task_id, index, lambda out: self.fetcher.fetch(job.url, out, self.abort))
+            except Retryable as exc:
+                return self._retry(task_id, index, job, exc)
+            except Permanent as exc:
+                return self._fail(task_id, index, str(exc))
+            self.metrics.inc("downloads_total", "saved")
+            self.metrics.inc("downloaded_bytes_total", amount=size)
+            log_event("downloaded", task_id, image=index + 1, bytes=size,
+                      ms=int((time.monotonic() - started) * 1000))
+            return self.end_task(task_id, ended)
+
+    def _retry(self, task_id, index, job, exc):
+        tries = job.tries + 1
+        due = time.time() + self.backoff.delay(tries, exc.retry_after)
+        if self.config.attempts and tries >= self.config.attempts:
+            return self._fail(task_id, index, "%s (after %d tries)" % (exc, tries))
+        if due > job.received + self.config.retry_for:
+            return self._fail(task_id, index, "%s (after %d tries; --retry-for ran out)"
+                              % (exc, tries))
+        self.store.postpone(task_id, index, str(exc), tries, due)
+        self.metrics.inc("download_retries_total")
+        log_event("retry", task_id, image=index + 1, tries=tries, reason=exc, next=utc_now(due))
+        return due
 
     def _fail(self, task_id, index, reason):
         self.metrics.inc("downloads_total", "failed")
         log_event("download-failed", task_id, logging.WARNING, image=index + 1, reason=reason)
-        self._ended(task_id, self.store.settle(task_id, index, None,
-                                               "cover_%d: %s" % (index + 1, reason)))
+        return self.end_task(task_id, self.store.settle(
+            task_id, index, error="cover_%d: %s" % (index + 1, reason)))
 
-    def _ended(self, task_id, status):
+    def end_task(self, task_id, status):
+        """Log a task's end and hand it to on_task_end (the hook)."""
         if status:
-            log_event("task-" + status, task_id)
+            log_event("task-" + status, task_id,
+                      level=logging.INFO if status == DONE else logging.WARNING)
             self.on_task_end(task_id, status)
+        return None
 
 
 class HookRunner:
@@ -1305,7 +1679,7 @@ class HookRunner:
         self._thread.join(seconds)
         process = self._current
         if process is not None and process.poll() is None:
-            _kill_group(process)
+            Platform.kill_group(process)
         self._thread.join(5)
 
     def _work(self):
@@ -1325,13 +1699,13 @@ class HookRunner:
         try:
             self._current = subprocess.Popen(
                 list(self.argv) + [self.store.task_dir(task_id)], env=env,
-                stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=2, **Platform.new_process_group())
         except OSError as exc:
             return log_event("hook-failed", task_id, logging.WARNING, reason=exc)
         try:
             code = self._current.wait(self.timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(self._current)
+            Platform.kill_group(self._current)
             self._current.wait()
             return log_event("hook-timeout", task_id, logging.WARNING,
                              seconds=self.timeout, note="killed")
@@ -1341,20 +1715,15 @@ class HookRunner:
                   status=code, ms=int((time.monotonic() - started) * 1000))
 
 
-def _kill_group(process):
-    with contextlib.suppress(OSError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 class SystemdNotifier:
     """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET."""
 
     def __init__(self, env):
         address = env.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
-        usec = env.get("WATCHDOG_USEC", "")
-        pid_ok = env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
-        self.watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and pid_ok else None
+        usec = parse_digits(env.get("WATCHDOG_USEC"))
+        pid_ok = parse_digits(env.get("WATCHDOG_PID", str(os.getpid()))) == os.getpid()
+        self.watchdog = usec / 2e6 if usec and pid_ok else None
         self._stop = threading.Event()
         self._thread = None
 
@@ -1405,6 +1774,7 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
         receiver = self.server.receiver
         target = urllib.parse.urlsplit(self.path)
         try:
+            check_headers(self.headers)
             if target.path == receiver.config.path:
                 if self.command != "POST":
                     raise MethodNotAllowed("use POST")
@@ -1419,6 +1789,8 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
         except ReceiverError as exc:
             if target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
                 receiver.metrics.inc("callbacks_total", exc.reason)
+                receiver.rejections.note(exc.status, self.client_address[0], exc,
+                                         logging.ERROR if exc.status == 503 else logging.WARNING)
             self.reply(exc.status, {"status": "error", "error": str(exc)},
                        allow="POST" if isinstance(exc, MethodNotAllowed) else None)
 
@@ -1426,20 +1798,24 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self):
         config = self.server.receiver.config
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:      # RFC 9112 6.3
+            if lengths:
+                raise BadCallback("Transfer-Encoding and Content-Length together")
             raise LengthRequired("Content-Length is required (no chunked bodies)")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if not lengths:
             raise LengthRequired("Content-Length is required")
-        if not length.strip().isdigit():
-            raise BadCallback("Content-Length is not a number")
-        if int(length) > config.max_body_bytes:
+        values = {parse_digits(value) for value in lengths}
+        if None in values or len(values) > 1:
+            raise BadCallback("Content-Length must be one number")
+        length = values.pop()
+        if length > config.max_body_bytes:
             raise TooLarge("body is larger than %d bytes" % config.max_body_bytes)
         media = (self.headers.get("Content-Type") or "application/json").split(";")[0]
         if media.strip().lower() != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
+        body = self.rfile.read(length)
+        if len(body) != length:
             raise BadCallback("body is shorter than Content-Length")
         return body
 
@@ -1468,13 +1844,57 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         # The query may carry the token: log the path only.
         path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
-        if int(code) == 200 and path == self.server.receiver.config.path:
-            return                      # its received/duplicate line already said it
+        if path == self.server.receiver.config.path and self.command == "POST":
+            return                      # its received/duplicate/rejected line says it
         log_event("http", client=self.client_address[0], method=self.command or "-",
                   path=path, status=int(code))
 
     def log_message(self, format, *args):
         log_event("http-error", client=self.client_address[0], detail=format % args)
+
+
+def check_headers(headers):
+    """RFC 9112 and 9110 strictness: a request whose header section does not
+    parse cleanly is refused, so no two parsers can read it differently."""
+    if headers.defects or headers.get_payload():     # e.g. whitespace before a colon
+        raise BadCallback("malformed header section")
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise BadCallback("malformed header name %s" % escape(name, 40))
+        if HEADER_VALUE_BAD.search(value):
+            raise BadCallback("control character in header %s" % escape(name, 40))
+
+
+class RejectionLog:
+    """One line per rejected callback with its reason and client, at most
+    PER_SECOND a second; the rest are counted into one summary line."""
+
+    PER_SECOND = 5
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._second, self._logged, self._suppressed = 0, 0, 0
+
+    def note(self, status, client, reason, level=logging.WARNING):
+        with self._lock:
+            self._roll()
+            self._logged += 1
+            if self._logged > self.PER_SECOND:
+                self._suppressed += 1
+                return
+        log_event("rejected", level=level, status=status, client=client, reason=reason)
+
+    def flush(self):
+        with self._lock:
+            self._roll()
+
+    def _roll(self):
+        second = int(time.monotonic())
+        if second != self._second:
+            if self._suppressed:
+                log_event("rejected-more", level=logging.WARNING, count=self._suppressed,
+                          note="lines suppressed in the last second")
+            self._second, self._logged, self._suppressed = second, 0, 0
 
 
 class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -1493,7 +1913,7 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.slots = threading.BoundedSemaphore(config.max_connections)
         self.deadlines = {}                       # socket -> monotonic deadline
         self.deadlines_lock = threading.Lock()
-        self.refusals = queue.Queue(maxsize=64)
+        self.lingering = {}                       # refused socket -> monotonic deadline
         self.stopped = threading.Event()
         self.helpers = []              # server_close() runs even when binding fails
         self.tls = None
@@ -1512,8 +1932,8 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                       flags=socket.AI_PASSIVE)[0]
             self.address_family = info[0]
             super().__init__(info[4], CallbackHandler)
-        self.helpers = [threading.Thread(target=self._reap, name="http-deadlines", daemon=True),
-                        threading.Thread(target=self._refuse, name="http-refusals", daemon=True)]
+        self.helpers = [threading.Thread(target=self._housekeep, name="http-deadlines",
+                                         daemon=True)]
         for thread in self.helpers:
             thread.start()
 
@@ -1530,11 +1950,8 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self.slots.release()
                 raise
         self.receiver.metrics.inc("callbacks_total", "unavailable")
-        log_event("http-refused", client=client_address[0], reason="max-connections")
-        try:
-            self.refusals.put_nowait(request)
-        except queue.Full:
-            self.shutdown_request(request)
+        self.receiver.rejections.note(503, client_address[0], "max-connections")
+        self._refuse(request)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -1562,7 +1979,9 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             if conn is not request:
                 conn.close()
 
-    def _reap(self):
+    def _housekeep(self):
+        """Every 0.1 s: cut off requests past their deadline, and close refused
+        connections whose client has read its 503 (EOF) or had 2 s to."""
         while not self.stopped.wait(0.1):
             now = time.monotonic()
             with self.deadlines_lock:
@@ -1570,40 +1989,56 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                     if deadline < now:
                         with contextlib.suppress(OSError):   # the plain socket call, also for TLS
                             socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            self._linger(now)
+            self.receiver.rejections.flush()
 
-    def _refuse(self):
-        """Answer connections over the cap with 503, one at a time, briefly."""
-        body = b'{"status": "error", "error": "too many connections"}'
-        answer = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                  b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        while True:
-            request = self.refusals.get()
-            if request is None:
+    REFUSAL = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+               b"Retry-After: 1\r\nContent-Length: 52\r\n\r\n"
+               b'{"status": "error", "error": "too many connections"}')
+
+    def _refuse(self, request):
+        """Over the cap: answer 503 at once, without reading the request (a
+        slow client cannot delay it), then drain briefly so that closing does
+        not reset the connection over the answer (a lingering close)."""
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            if self.tls is None:          # a TLS client would need a handshake first: just close
+                request.send(self.REFUSAL)
+            request.shutdown(socket.SHUT_WR)
+            if len(self.lingering) < MAX_LINGERING:
+                self.lingering[request] = time.monotonic() + 2.0
                 return
-            with contextlib.suppress(OSError):
-                request.settimeout(0.5)
-                if self.tls is None:      # a TLS client would need a handshake first: just close
-                    seen = b""
-                    while b"\r\n\r\n" not in seen and len(seen) < 65536:
-                        chunk = request.recv(65536)
-                        seen += chunk
-                        if not chunk:
-                            break
-                    request.sendall(answer)
-                request.shutdown(socket.SHUT_WR)
-                while request.recv(65536):       # lingering close: no RST over the answer
-                    pass
-            request.close()
+        request.close()
+
+    def _linger(self, now):
+        socks = list(self.lingering)
+        if not socks:
+            return
+        try:
+            readable = set(select.select(socks, [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = set(socks)
+        for sock in socks:
+            done = self.lingering[sock] < now
+            if sock in readable:
+                try:
+                    done = done or not sock.recv(65536)
+                except OSError:
+                    done = True
+            if done:
+                self.lingering.pop(sock, None)
+                sock.close()
 
     def service_actions(self):
-        self.receiver.heartbeat = time.monotonic()
+        self.receiver.tick()
 
     def server_close(self):
         super().server_close()          # closes the listener, joins request threads
         self.stopped.set()
-        self.refusals.put(None)
         for thread in self.helpers:
             thread.join(5)
+        for sock in list(self.lingering):
+            sock.close()
 
 
 class Receiver:
@@ -1614,20 +2049,25 @@ class Receiver:
                  client_tls=None):
         env = os.environ if env is None else env
         self.config, self.clock = config, clock
-        self.store = open_store(config)
         self.metrics = Metrics()
-        self.hooks = HookRunner(config.on_complete, self.store, config.hook_timeout)
-        self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
-                                   self.metrics, self._task_ended)
-        self.notifier = SystemdNotifier(env)
-        self.heartbeat = time.monotonic()
-        try:
+        self.rejections = RejectionLog()
+        self.heartbeat = self.next_rescan = time.monotonic()
+        try:                            # listen first: a refused start creates nothing
             self.server = CallbackServer(config, self, inherited_socket(env))
         except ssl.SSLError as exc:
             raise UsageError("--tls-cert/--tls-key cannot be loaded: %s" % exc) from None
         except OSError as exc:
             raise UsageError("cannot listen on %s port %d: %s"
                              % (config.host, config.port, exc.strerror or exc)) from None
+        try:
+            self.store = open_store(config)
+        except UsageError:
+            self.server.server_close()
+            raise
+        self.hooks = HookRunner(config.on_complete, self.store, config.hook_timeout)
+        self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
+                                   self.metrics, self._task_ended)
+        self.notifier = SystemdNotifier(env)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
             "poll_interval": 0.2}, name="http", daemon=True)
 
@@ -1643,17 +2083,26 @@ class Receiver:
         work = self.store.recover()
         self.queue.start()
         self.hooks.start()
-        for task_id, indexes in work:
-            log_event("resume", task_id, images=len(indexes))
-            self.queue.put(task_id, indexes)
+        for task_id in dict.fromkeys(job[0] for job in work):
+            log_event("resume", task_id, images=sum(1 for job in work if job[0] == task_id))
+        self.queue.put(work)
         self._thread.start()
-        host, port = self.server.server_address[:2]
-        log_event("listening", host=host, port=port, path=self.config.path,
-                  tls="on" if self.server.tls else "off", resumed=len(work),
-                  signature="on" if self.config.hmac_key else "off",
-                  token="on" if self.config.token else "off")
+        self._log_listening(len(work))
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
         self.notifier.start(self.healthy, self.status_line)
+
+    def _log_listening(self, resumed):
+        config, (host, port) = self.config, self.server.server_address[:2]
+        policy = ("only " + ",".join(config.allow_host) if config.allow_host
+                  else "public-https")
+        log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
+                  downloads=policy, tls="on" if self.server.tls else "off", resumed=resumed,
+                  signature="on" if config.hmac_key else "off",
+                  token="on" if config.token else "off")
+        if not (config.token or config.hmac_key) and not is_loopback(host):
+            log_event("unprotected", level=logging.WARNING,
+                      note="anyone who finds the URL can post callbacks; set "
+                           "COVER_RECEIVER_TOKEN and add ?token=<it> to your callBackUrl")
 
     def stop(self):
         """Stop accepting, answer requests in flight, drain downloads."""
@@ -1667,12 +2116,23 @@ class Receiver:
         self.notifier.stop()
         log_event("stopped", pending=self.store.pending_count())
 
+    def tick(self):
+        """From the server loop: a heartbeat for the watchdog, and now and then
+        a look for work that fetch or retry left pending on disk."""
+        self.heartbeat = now = time.monotonic()
+        if now >= self.next_rescan:
+            self.next_rescan = now + RESCAN_SECONDS
+            try:
+                self.queue.put(self.store.pending_work(known=self.queue.tasks()))
+            except OSError as exc:
+                log_event("rescan-failed", level=logging.ERROR, reason=exc)
+
     def healthy(self, within):
         return time.monotonic() - self.heartbeat < within and self.queue.alive()
 
     def status_line(self):
-        return "%d pending, %d downloading, %d saved" % (
-            self.store.pending_count(), self.queue.in_flight,
+        return "%d pending, %d downloading, %d waiting to retry, %d saved" % (
+            self.store.pending_count(), self.queue.in_flight, self.queue.waiting(),
             self.metrics.get("downloads_total", "saved"))
 
     # -- the endpoint ------------------------------------------------------------
@@ -1684,19 +2144,20 @@ class Receiver:
         body = read_body()
         try:
             obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise BadCallback("body is not JSON") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadCallback("body is not JSON (or nested too deeply)") from None
         if config.hmac_key:
-            data = obj.get("data") if isinstance(obj, dict) else None
-            task_id = data.get("taskId") if isinstance(data, dict) else None
-            verify_signature(config.hmac_key, task_id, headers.get("X-Webhook-Timestamp"),
+            verify_signature(config.hmac_key, callback_task_id(obj),
+                             headers.get("X-Webhook-Timestamp"),
                              headers.get("X-Webhook-Signature"), self.clock())
         callback = Callback.from_json(obj)
-        outcome, indexes = self.store.accept(callback)
-        self.queue.put(callback.task_id, indexes)
+        outcome, record = self.store.accept(callback)
+        self.queue.put(pending_jobs(record))
         self.metrics.inc("callbacks_total", outcome)
         log_event(outcome, callback.task_id, client=client, code=callback.code,
                   images=len(callback.images), msg=callback.msg)
+        if outcome == "received" and record["status"] == FAILED:
+            self.queue.end_task(callback.task_id, FAILED)   # a failure callback ends its task
         return {"status": outcome, "taskId": callback.task_id}
 
     def health(self):
@@ -1707,22 +2168,31 @@ class Receiver:
         last = self.metrics.last_saved
         return 200, {"status": "ok", "version": __version__,
                      "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
+                     "retrying": self.queue.waiting(),
                      "lastDownloadAt": utc_now(last) if last else None}
 
     def metrics_text(self):
         return self.metrics.render({
             "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
-            "downloads_in_flight": ("Images downloading now.", self.queue.in_flight)})
+            "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
+            "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
 
     def _task_ended(self, task_id, status):
         self.hooks.submit(task_id, status)
 
 
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def inherited_socket(env):
     """systemd socket activation (sd_listen_fds(3)): fd 3 when it is for us."""
-    if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS", "").isdigit():
+    if parse_digits(env.get("LISTEN_PID")) != os.getpid():
         return None
-    if int(env["LISTEN_FDS"]) < 1:
+    if (parse_digits(env.get("LISTEN_FDS")) or 0) < 1:
         return None
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
@@ -1734,12 +2204,21 @@ def inherited_socket(env):
 # ---------------------------------------------------------------------------
 
 def run_serve(config, env):
+    """Serve until SIGTERM or Ctrl+C; a second one while draining exits at
+    once, leaving the unfinished work pending on disk as a kill would."""
     receiver = Receiver(config, env=env)
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+
+    def on_signal(*_):
+        if stop.is_set():
+            log_event("stopped-hard", level=logging.WARNING, pending=receiver.store.pending_count())
+            os._exit(0)
+        stop.set()
+    for signum in Platform.STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     receiver.start()
-    stop.wait()
+    while not stop.wait(0.5):       # a timed wait lets Ctrl+C through on Windows
+        pass
     receiver.stop()
     return 0
 
@@ -1801,12 +2280,32 @@ class RecordInfoClient:
         raise ApiError("API error: %d%s" % (status, detail), False)
 
 
+# record-info's task states: successFlag (number or digit string), or the
+# status words kie.ai's OpenAPI text lists (API-FACTS.md).
+RECORD_STATES = {0: "running", 1: "success", 2: "running", 3: "failed",
+                 "PENDING": "running", "GENERATING": "running", "SUCCESS": "success",
+                 "CREATE_TASK_FAILED": "failed", "GENERATE_COVER_FAILED": "failed"}
+
+
+def record_state(data):
+    """success, failed or running; None for an answer we cannot read."""
+    for field in ("successFlag", "status"):
+        value = data.get(field)
+        if isinstance(value, str):
+            value = int(value) if value.isascii() and value.isdigit() else value.upper()
+        if isinstance(value, (int, str)) and not isinstance(value, bool) \
+                and value in RECORD_STATES:
+            return RECORD_STATES[value]
+    return None
+
+
 class Poller:
     """fetch: poll record-info for each task and feed the download pipeline."""
 
     def __init__(self, config, client, store, downloads, stop, clock=time.monotonic):
         self.config, self.client, self.store, self.downloads = config, client, store, downloads
         self.stop, self.clock = stop, clock
+        self.backoff = Backoff(config.backoff_base, API_BACKOFF_CAP)
 
     def run(self, task_id):
         """Returns (word, detail), word one of done, failed, pending, error."""
@@ -1819,22 +2318,28 @@ class Poller:
                 tries += 1
                 if not exc.retryable:
                     return "error", str(exc)
-                delay = backoff_delay(tries, self.config.backoff_base, exc.retry_after)
+                delay = self.backoff.delay(tries, exc.retry_after)
                 log_event("api-retry", task_id, reason=exc, wait="%.2fs" % delay)
                 if self.clock() + delay > deadline or self.stop.wait(delay):
                     return "error", "%s (gave up)" % exc
                 continue
             tries = 0
-            flag = data.get("successFlag")
-            if flag in (1, "1", 3, "3"):
-                return self._finish(task_id, data, int(flag) == 1)
-            if flag not in (0, 2, "0", "2"):
-                return "error", "unexpected successFlag %s" % escape(flag, 20)
+            state = record_state(data)
+            if state in ("success", "failed"):
+                return self._finish(task_id, data, state == "success",
+                                    max(0.0, deadline - self.clock()))
+            if state is None:
+                return "error", "unexpected task state %s" % escape(
+                    data.get("successFlag", data.get("status")), 30)
             interval = self.config.interval
-            if self.clock() + interval > deadline or self.stop.wait(interval):
+            if self.clock() + interval > deadline or self.stop.wait(0):
                 return "pending", "still generating after %g s" % self.config.wait
+            log_event("generating", task_id, state=data.get("successFlag", data.get("status")),
+                      next_poll="%gs" % interval)
+            if self.stop.wait(interval):
+                return "pending", "stopped"
 
-    def _finish(self, task_id, data, success):
+    def _finish(self, task_id, data, success, wait):
         if success:
             images = (data.get("response") or {}).get("images")
             body = {"code": 200, "msg": "success", "data": {"taskId": task_id, "images": images}}
@@ -1844,19 +2349,37 @@ class Poller:
                     "msg": str(data.get("errorMessage") or "cover generation failed"),
                     "data": {"taskId": task_id, "images": None}}
         try:
-            outcome, indexes = self.store.accept(Callback.from_json(body))
+            outcome, record = self.store.accept(Callback.from_json(body))
         except BadCallback as exc:
             return "error", "API answer unusable: %s" % exc
         log_event(outcome, task_id, source="record-info")
-        self.downloads.put(task_id, indexes)
-        self.downloads.wait_task(task_id)
-        record = self.store.read(task_id) or {}
-        saved = sum(1 for name in record.get("files", []) if name)
-        if record.get("status") == DONE:
-            return "done", "%d covers in %s" % (saved, self.store.task_dir(task_id))
-        if record.get("status") == FAILED:
-            return "failed", record.get("error") or "failed"
-        return "pending", "downloads unfinished"
+        self.downloads.put(pending_jobs(record))
+        self.downloads.wait_task(task_id, wait)
+        return task_result(self.store, task_id)
+
+
+def task_result(store, task_id):
+    """(word, detail) for a task's record: done, failed or pending."""
+    record = store.read(task_id)
+    if record is None:
+        return "error", "no task %s in %s" % (task_id, store.root)
+    if record["status"] == DONE:
+        return "done", "%d covers in %s" % (len(record["files"]), store.task_dir(task_id))
+    if record["status"] == FAILED:
+        return "failed", record.get("error") or "failed"
+    return "pending", task_reason(record) or "downloads unfinished"
+
+
+def task_reason(record):
+    """Why a task failed, or the last error and next try of a retrying one."""
+    if record.get("status") == FAILED:
+        return record.get("error") or ""
+    retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
+                      for i in missing_images(record) if record["lastError"][i])
+    if not retrying:
+        return ""
+    when, error = retrying[0]
+    return "retrying %d image(s): %s; next try %s" % (len(retrying), error, when)
 
 
 def run_fetch(config, env):
@@ -1892,6 +2415,35 @@ def run_fetch(config, env):
     return 1 if words & {"failed", "error"} else 3 if "pending" in words else 0
 
 
+def run_retry(config, env):
+    """Failed images of the named (or all failed) tasks, tried once more now.
+    A passing failure leaves them pending with their next try on disk, where
+    a running serve picks them up."""
+    store = open_store(config)
+    task_ids = config.task_ids or tuple(
+        r["taskId"] for r in store.records() if r.get("status") == FAILED)
+    if not task_ids:
+        print("no failed tasks in %s" % store.root)
+        return 0
+    downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None,
+                              retry_later=False)
+    downloads.start()
+    try:
+        for task_id in task_ids:
+            record = store.reopen_failed(task_id)
+            downloads.put(pending_jobs(record) if record else [])
+        for task_id in task_ids:
+            downloads.wait_task(task_id)
+    finally:
+        downloads.stop(0)
+    words = []
+    for task_id in task_ids:
+        word, detail = task_result(store, task_id)
+        words.append(word)
+        print("%s %s: %s" % (task_id, word, detail), flush=True)
+    return 0 if set(words) == {"done"} else 1
+
+
 def run_status(config, env):
     store = TaskStore(config.dir)
     if not os.path.isdir(store.root):
@@ -1903,12 +2455,15 @@ def run_status(config, env):
             return 1
         print(json.dumps(record, indent=2))
         return 0
-    print("%-34s %-8s %-7s %s" % ("TASK", "STATUS", "COVERS", "UPDATED"))
+    width = shutil.get_terminal_size((120, 24)).columns
+    row = "%-34s %-8s %-6s %-24s %s"
+    print(row % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
     for record in store.records():
         files = record.get("files") or []
-        print("%-34s %-8s %-7s %s" % (record.get("taskId"), record.get("status"),
-                                      "%d/%d" % (sum(1 for f in files if f), len(files)),
-                                      record.get("updatedAt")))
+        line = row % (record.get("taskId"), record.get("status"),
+                      "%d/%d" % (sum(1 for f in files if f), len(files)),
+                      record.get("updatedAt"), escape(task_reason(record), 1000))
+        print(line if len(line) <= width else line[:max(width - 3, 80)] + "...")
     return 0
 
 
@@ -1921,8 +2476,9 @@ def main(argv=None, env=None):
     logging.Formatter.converter = time.gmtime
     try:
         config = build_config(argv, env)
-        return {"serve": run_serve, "fetch": run_fetch, "status": run_status}[config.command](
-            config, env)
+        commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
+                    "status": run_status}
+        return commands[config.command](config, env)
     except UsageError as exc:
         print("cover_receiver: error: %s" % exc, file=sys.stderr)
         return 2

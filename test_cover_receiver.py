@@ -121,6 +121,18 @@ def visible_entries(folder):
     return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 
+def leftovers(folder):
+    """Every entry below folder, hidden ones included, but the lock folder
+    while it is empty (lock files exist only while held)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.relpath(os.path.join(parent, name), folder)
+            if path != cr.LOCKS_DIR or os.listdir(os.path.join(parent, name)):
+                found.append(path.replace(os.sep, "/"))
+    return sorted(found)
+
+
 def read(path):
     with open(path, "rb") as handle:
         return handle.read()
@@ -425,7 +437,9 @@ def test_bare_command_serves_on_3000_into_covers():
     config = cr.build_config([], {})
     assert (config.command, config.port, config.dir, config.path) == \
         ("serve", 3000, "./covers", "/suno-cover-callback")
-    assert config.workers == 4 and config.attempts == 5 and config.max_image_bytes == 26214400
+    assert config.workers == 4 and config.max_image_bytes == 26214400
+    # Retries: no count limit, 14 days (the image URLs' lifetime), gaps up to 10 minutes.
+    assert (config.attempts, config.retry_for, config.max_backoff) == (0, 14 * 86400, 600)
 
 
 def test_every_option_reads_its_env_variable_and_the_flag_wins():
@@ -535,8 +549,7 @@ def test_malformed_callback_is_400_with_reason_and_touches_no_file(start, tmp_pa
     receiver = start()
     code, answer, _ = post(receiver.url, body)
     assert code == 400 and answer["status"] == "error" and answer["error"]
-    assert visible_entries(receiver.dir) == []
-    assert os.listdir(os.path.join(receiver.dir, ".pending")) == []
+    assert leftovers(receiver.dir) == []
     assert not os.path.exists(tmp_path / "escape")
 
 
@@ -696,7 +709,7 @@ def test_failure_callback_is_recorded_failed_without_download(start, cdn):
     failed = record(receiver.dir, "gen-failed")
     assert (failed["status"], failed["code"], failed["msg"]) == ("failed", 531, "credits refunded")
     assert failed["images"] == [] and "531" in failed["error"]
-    assert cdn.hits == {} and os.listdir(os.path.join(receiver.dir, ".pending")) == []
+    assert cdn.hits == {} and leftovers(receiver.dir) == ["gen-failed", "gen-failed/task.json"]
 
 
 def test_success_after_failure_callback_downloads(start, cdn):
@@ -774,8 +787,7 @@ def test_oversized_image_is_refused_and_not_retried(start, cdn, length):
                                     argv=("--max-image-bytes", "4096"))
     assert failed["status"] == "failed" and "max-image-bytes" in failed["error"]
     assert cdn.hits["/img"] == 1
-    assert [n for n in os.listdir(os.path.join(receiver.dir, "img")) if "cover" in n
-            and not n.endswith(".lock")] == []
+    assert leftovers(os.path.join(receiver.dir, "img")) == ["task.json"]
 
 
 def test_stalled_download_times_out_and_is_retried(start, cdn):
@@ -930,29 +942,47 @@ def test_every_redirect_hop_is_checked_again(start, cdn):
 
 def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tmp_path):
     folder = tmp_path / "covers"
-    (folder / ".pending").mkdir(parents=True)
-    (folder / "old").mkdir()
+    (folder / "old").mkdir(parents=True)
     url = cdn.route("/old.png", ok(PNG))
     stale = cr.new_record(cr.Callback("old", 200, "success", (url,)))
     (folder / "old" / "task.json").write_text(json.dumps(stale))
     (folder / "old" / ".cover_1.part").write_bytes(b"half")
     (folder / "old" / ".task.json.dead.tmp").write_text("{")
-    (folder / ".pending" / "old").touch()
+    (folder / ".pending.old").touch()
+    # What a kill leaves elsewhere: a task folder being built, a probe, a lock file.
+    (folder / ".new.gone.123.0").mkdir()
+    (folder / ".new.gone.123.0" / "task.json").write_text("{")
+    (folder / ".probe.123.1").write_bytes(b"\0")
+    (folder / ".locks").mkdir()
+    (folder / ".locks" / "done1.1").touch()
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "old", "done")["files"] == ["cover_1.png"]
-    assert sorted(os.listdir(folder / "old")) == ["cover_1.png", "task.json"]
-    assert os.listdir(folder / ".pending") == []
+    assert leftovers(folder) == ["old", "old/cover_1.png", "old/task.json"]
+
+
+def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path):
+    folder = tmp_path / "covers"
+    (folder / ".pending").mkdir(parents=True)
+    (folder / "v10").mkdir()
+    url = cdn.route("/v.png", ok(PNG))
+    old = cr.new_record(cr.Callback("v10", 200, "success", (url,)))
+    for field in ("tries", "lastError", "nextTryAt"):
+        del old[field]
+    (folder / "v10" / "task.json").write_text(json.dumps(old))
+    (folder / ".pending" / "v10").touch()
+    receiver = start(*allow_loopback())
+    assert wait_status(receiver.dir, "v10", "done")["files"] == ["cover_1.png"]
+    assert leftovers(folder) == ["v10", "v10/cover_1.png", "v10/task.json"]
 
 
 def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
     folder = tmp_path / "covers"
-    (folder / ".pending").mkdir(parents=True)
-    (folder / "crash").mkdir()
+    (folder / "crash").mkdir(parents=True)
     url = cdn.route("/c.png", ok(PNG))
     (folder / "crash" / "task.json").write_text(
         json.dumps(cr.new_record(cr.Callback("crash", 200, "success", (url,)))))
     (folder / "crash" / "cover_1.png").write_bytes(PNG)       # final name: it was complete
-    (folder / ".pending" / "crash").touch()
+    (folder / ".pending.crash").touch()
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "crash", "done")["files"] == ["cover_1.png"]
     assert cdn.hits == {}
@@ -1117,7 +1147,9 @@ def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
                    headers["X-Webhook-Signature"]):
         assert secret not in seen
     assert "received task=sec client=127.0.0.1" in proc.text()
-    assert "path=/suno-cover-callback status=401" in proc.text()      # the query is not logged
+    # The rejection is logged with its reason, and the query (the token) is not.
+    assert "WARNING rejected status=401 client=127.0.0.1 reason=missing or wrong ?token=" \
+        in proc.text()
 
 
 def test_https_serving_and_a_failed_handshake_does_not_hurt(start, certs, cdn):
