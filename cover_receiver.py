@@ -1004,12 +1004,13 @@ class TaskStore:
         # folder and fsyncs it, which makes this rename durable too.
         return self.settle(task_id, index, name=name), size
 
-    def settle(self, task_id, index, name=None, error=None):
-        """Record image index as saved (name) or failed for good (error).
-        Returns the task's new status when this ended the task, else None."""
+    def settle(self, task_id, index, name=None, error=None, tries=None):
+        """Record image index as saved (name) or failed for good (error, after
+        tries). Returns the task's new status when this ended the task, else None."""
         def change(record):
             record["files"][index], record["errors"][index] = name, error
             record["nextTryAt"][index] = None
+            record["tries"][index] = record["tries"][index] if tries is None else tries
             if missing_images(record):
                 return None
             failed = [e for e in record["errors"] if e]
@@ -1631,20 +1632,20 @@ class DownloadQueue:
         tries = job.tries + 1
         due = time.time() + self.backoff.delay(tries, exc.retry_after)
         if self.config.attempts and tries >= self.config.attempts:
-            return self._fail(task_id, index, "%s (after %d tries)" % (exc, tries))
+            return self._fail(task_id, index, "%s (after %d tries)" % (exc, tries), tries)
         if due > job.received + self.config.retry_for:
             return self._fail(task_id, index, "%s (after %d tries; --retry-for ran out)"
-                              % (exc, tries))
+                              % (exc, tries), tries)
         self.store.postpone(task_id, index, str(exc), tries, due)
         self.metrics.inc("download_retries_total")
         log_event("retry", task_id, image=index + 1, tries=tries, reason=exc, next=utc_now(due))
         return due
 
-    def _fail(self, task_id, index, reason):
+    def _fail(self, task_id, index, reason, tries=None):
         self.metrics.inc("downloads_total", "failed")
         log_event("download-failed", task_id, logging.WARNING, image=index + 1, reason=reason)
         return self.end_task(task_id, self.store.settle(
-            task_id, index, error="cover_%d: %s" % (index + 1, reason)))
+            task_id, index, error="cover_%d: %s" % (index + 1, reason), tries=tries))
 
     def end_task(self, task_id, status):
         """Log a task's end and hand it to on_task_end (the hook)."""
