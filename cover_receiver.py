@@ -354,7 +354,7 @@ def _host_pattern(text):
 
 def _command(text):
     try:
-        argv = shlex.split(text, posix=not WINDOWS)
+        argv = shlex.split(text)       # POSIX rules everywhere: quote Windows paths in '...'
     except ValueError as exc:
         raise ValueError("cannot be split like a shell command: %s" % exc) from None
     if not argv:
@@ -692,7 +692,9 @@ class Platform:
 
     STOP_SIGNALS = ((signal.SIGINT, signal.SIGBREAK) if WINDOWS     # Ctrl+C, Ctrl+Break
                     else (signal.SIGTERM, signal.SIGINT))
-    BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK)
+    # A lock held elsewhere: EAGAIN from flock, EACCES or EDEADLOCK from
+    # msvcrt.locking on Windows, and errno 0 from it under Wine.
+    BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK) + ((0,) if WINDOWS else ())
 
     @classmethod
     def lock(cls, fd, wait):
@@ -743,15 +745,24 @@ class Platform:
             os.close(fd)
 
     @staticmethod
-    def replace(source, target):
-        """os.replace; on Windows it fails while any process has target open (a
-        status reader), so try again briefly before giving up."""
-        for _ in range(100 if WINDOWS else 0):
+    def retry_sharing(action, *args):
+        """action(*args). On Windows a file that another process holds open, or
+        that is being replaced or deleted, refuses opens and replaces for a
+        moment (PermissionError): try again briefly before giving up."""
+        for _ in range(400 if WINDOWS else 0):
             try:
-                return os.replace(source, target)
+                return action(*args)
             except PermissionError:
-                time.sleep(0.01)
-        return os.replace(source, target)
+                time.sleep(0.005)
+        return action(*args)
+
+    @staticmethod
+    def interrupt(sock):
+        """Wake a thread blocked on sock. Windows needs the socket closed too."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+            if WINDOWS:
+                sock.close()
 
     @staticmethod
     def new_process_group():
@@ -778,7 +789,7 @@ class LockFile:
 
     def acquire(self, wait=True):
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = Platform.retry_sharing(os.open, self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 if not Platform.lock(fd, wait):
                     os.close(fd)
@@ -865,7 +876,8 @@ class TaskStore:
 
     def read(self, task_id):
         try:
-            with open(os.path.join(self.task_dir(task_id), "task.json"), "rb") as handle:
+            with Platform.retry_sharing(open, os.path.join(self.task_dir(task_id), "task.json"),
+                                        "rb") as handle:
                 record = json.load(handle)
         except FileNotFoundError:
             return None
@@ -995,7 +1007,7 @@ class TaskStore:
                 os.fsync(handle.fileno())
                 size = handle.tell()
             name = "cover_%d.%s" % (index + 1, ext)
-            Platform.replace(part, os.path.join(path, name))
+            Platform.retry_sharing(os.replace, part, os.path.join(path, name))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(part)
@@ -1106,7 +1118,7 @@ class TaskStore:
         tmp = self._temp_name(path, ".task.json")
         try:
             write_durably(tmp, encode_record(record))
-            Platform.replace(tmp, os.path.join(path, "task.json"))
+            Platform.retry_sharing(os.replace, tmp, os.path.join(path, "task.json"))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -1317,7 +1329,10 @@ class PinnedConnection(http.client.HTTPSConnection):
         self.watched = sock
         self._abort.watch(sock)
         if self._target.scheme == "https":
-            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            # wrap_socket takes the descriptor over: watch the TLS socket instead.
+            self._abort.forget(sock)
+            self.watched = sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            self._abort.watch(sock)
         self.sock = sock
 
 
@@ -1339,7 +1354,7 @@ class AbortSignal:
         with self._lock:
             self._sockets.add(sock)
             if self._event.is_set():
-                sock.shutdown(socket.SHUT_RDWR)
+                Platform.interrupt(sock)
 
     def forget(self, sock):
         with self._lock:
@@ -1349,8 +1364,7 @@ class AbortSignal:
         with self._lock:
             self._event.set()
             for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                Platform.interrupt(sock)
 
 
 class Fetcher:
@@ -1394,6 +1408,8 @@ class Fetcher:
                     raise Aborted("stopping") from None
                 raise Retryable(_network_reason(exc)) from None
             except ValueError as exc:           # a malformed Location, header or URL
+                if abort.is_set():              # or a TLS socket cut short by stop
+                    raise Aborted("stopping") from None
                 raise Permanent("malformed answer: %s" % exc) from None
             finally:
                 if conn is not None:

@@ -40,6 +40,21 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + os.urandom(3000)
 GIF = b"GIF89a" + os.urandom(500)
 WEBP = b"RIFF\x00\x10\x00\x00WEBPVP8 " + os.urandom(700)
 WAIT = 15          # seconds: the deadline of every wait on a condition
+WINDOWS = os.name == "nt"
+STOP_SIGNAL = signal.SIGBREAK if WINDOWS else signal.SIGTERM
+# On Windows a console event needs a shared console, which a piped child (and
+# Wine) lacks: the child raises Ctrl+Break's SIGBREAK itself for each line the
+# test writes to its stdin, which runs the receiver's real handler.
+WINDOWS_STOPPER = """import signal, sys, threading
+sys.path.insert(0, %r)
+import cover_receiver
+def stopper():
+    for _ in sys.stdin:
+        signal.raise_signal(signal.SIGBREAK)
+threading.Thread(target=stopper, daemon=True).start()
+sys.exit(cover_receiver.main(sys.argv[1:]))
+"""
+posix_only = pytest.mark.skipif(WINDOWS, reason="a POSIX-only feature (systemd, AF_UNIX, sh)")
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +124,7 @@ def record(folder, task_id):
     path = os.path.join(folder, task_id, "task.json")
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
+    with cr.Platform.retry_sharing(open, path) as handle:     # Windows: mid-replace
         return json.load(handle)
 
 
@@ -179,7 +194,8 @@ class FakeCDN:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.scheme = "https" if tls else "http"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for it, at every test's teardown.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     def route(self, path, *answers):
@@ -300,7 +316,7 @@ class FakeAPI:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def script(self, task_id, *answers):
         self.scripts[task_id] = list(answers)
@@ -324,6 +340,9 @@ class ReceiverProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("COVER_RECEIVER_")}
         full_env.update(env or {})
         self.lines, self.changed = [], threading.Condition()
+        if WINDOWS and command is None:
+            command = [sys.executable, "-c", WINDOWS_STOPPER % HERE] + args
+            stdin = subprocess.PIPE
         self.proc = subprocess.Popen(command or [sys.executable, SCRIPT] + args, env=full_env,
                                      stdin=stdin, stderr=subprocess.PIPE, text=True, **popen)
         threading.Thread(target=self._read, daemon=True).start()
@@ -362,9 +381,16 @@ class ReceiverProcess:
     def url(self):
         return "http://127.0.0.1:%s/suno-cover-callback" % self.wait_log(r"port=(\d+)").group(1)
 
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
+    def signal(self, sig=STOP_SIGNAL):
+        if WINDOWS:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        else:
             self.proc.send_signal(sig)
+
+    def stop(self, sig=STOP_SIGNAL):
+        if self.proc.poll() is None:
+            self.signal(sig)
         return self.exit()[0]
 
 
@@ -381,7 +407,14 @@ def cdn():
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
-    """A self-signed certificate made by the openssl command line tool."""
+    """A self-signed certificate made by the openssl command line tool (where
+    there is none, as under Wine, CI makes one and names its folder in
+    COVER_TEST_CERTS)."""
+    if os.environ.get("COVER_TEST_CERTS"):
+        made = os.environ["COVER_TEST_CERTS"]
+        return os.path.join(made, "cert.pem"), os.path.join(made, "key.pem")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
     folder = tmp_path_factory.mktemp("certs")
     cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -1024,12 +1057,12 @@ def test_sigterm_exits_0_and_leaves_unfinished_downloads_pending(tmp_path, cdn):
     proc = ReceiverProcess(args)
     post(proc.url, payload("term", [cdn.route("/t.png", stall(PNG), ok(PNG))]))
     cdn.wait_hits("/t.png", 1)
-    assert proc.stop(signal.SIGTERM) == 0
+    assert proc.stop() == 0
     assert record(folder, "term")["status"] == "pending"
     assert "download-aborted task=term" in proc.text()
     again = ReceiverProcess(args)
     wait_status(folder, "term", "done")
-    assert again.stop(signal.SIGINT) == 0
+    assert again.stop(STOP_SIGNAL if WINDOWS else signal.SIGINT) == 0
 
 
 def test_drain_lets_a_running_download_finish(tmp_path, cdn):
@@ -1038,7 +1071,7 @@ def test_drain_lets_a_running_download_finish(tmp_path, cdn):
                             "--allow-host", "127.0.0.1", "--drain-seconds", "10"])
     post(proc.url, payload("drain", [cdn.route("/d.png", stall(PNG))]))
     cdn.wait_hits("/d.png", 1)
-    proc.proc.send_signal(signal.SIGTERM)
+    proc.signal()
     proc.wait_log("stopping")
     cdn.release.set()
     assert proc.proc.wait(WAIT) == 0
@@ -1244,6 +1277,7 @@ def receive_until(sock, word):
     return seen
 
 
+@posix_only
 def test_sd_notify_ready_watchdog_and_stopping(notify_socket, tmp_path):
     sock, address = notify_socket
     proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "c")],
@@ -1262,6 +1296,7 @@ def test_no_notification_without_notify_socket():
     notifier.send("READY=1")              # a no-op: no socket is even created
 
 
+@posix_only
 def test_socket_activation_serves_on_fd_3(tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -1317,16 +1352,19 @@ def test_metrics_counters_move_as_callbacks_arrive(start, cdn):
 
 
 def hook_script(tmp_path, body):
-    script = tmp_path / "hook.sh"
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(0o755)
-    return str(script)
+    """A hook written in Python, so it runs on every platform: returns the
+    --on-complete command (single quotes keep Windows backslashes)."""
+    script = tmp_path / "hook.py"
+    script.write_text("import os, sys, time\nenv = os.environ\n" + body)
+    return "'%s' '%s'" % (sys.executable, script)
 
 
 def test_hook_runs_with_task_folder_and_environment(start, cdn, tmp_path):
     out = tmp_path / "hook.out"
-    script = hook_script(tmp_path, 'echo "$1|$2|$COVER_TASK_ID|$COVER_TASK_STATUS|'
-                                   '${COVER_RECEIVER_TOKEN:-none}" >> %s\n' % out)
+    script = hook_script(tmp_path, "open(%r, 'a').write('|'.join(sys.argv[1:] + [\n"
+                                   "    env['COVER_TASK_ID'], env['COVER_TASK_STATUS'],\n"
+                                   "    env.get('COVER_RECEIVER_TOKEN', 'none')]) + '\\n')\n"
+                         % str(out))
     receiver = start(*allow_loopback(), "--on-complete", script + " 'first arg'",
                      env={"COVER_RECEIVER_TOKEN": "tok"})
     os.environ["COVER_RECEIVER_TOKEN"] = "tok"          # also in the process environment
@@ -1341,7 +1379,8 @@ def test_hook_runs_with_task_folder_and_environment(start, cdn, tmp_path):
 
 def test_failing_and_slow_hooks_are_logged_and_never_change_the_task(start, cdn, tmp_path, caplog):
     caplog.set_level("INFO", logger="cover_receiver")
-    script = hook_script(tmp_path, 'if [ "$COVER_TASK_ID" = slow ]; then exec sleep 30; fi\nexit 3\n')
+    script = hook_script(tmp_path, "if env['COVER_TASK_ID'] == 'slow':\n    time.sleep(30)\n"
+                                   "sys.exit(3)\n")
     receiver = start(*allow_loopback(), "--on-complete", script, hook_timeout=0.5)
     post(receiver.url, payload("fails", [cdn.route("/a.png", ok(PNG))]))
     post(receiver.url, payload("slow", [cdn.route("/b.png", status(404))]))
@@ -1616,7 +1655,8 @@ def test_retry_command_reports_each_task_and_exits_1_unless_all_are_done(start, 
 def test_a_failure_callback_ends_its_task_and_runs_the_hook(start, tmp_path, caplog):
     caplog.set_level("INFO", logger="cover_receiver")
     out = tmp_path / "hook.out"
-    script = hook_script(tmp_path, 'echo "$COVER_TASK_ID $COVER_TASK_STATUS" >> %s\n' % out)
+    script = hook_script(tmp_path, "open(%r, 'a').write(env['COVER_TASK_ID'] + ' ' + "
+                                   "env['COVER_TASK_STATUS'] + '\\n')\n" % str(out))
     receiver = start("--on-complete", script)
     post(receiver.url, payload("gen-501", code=501, images=None, msg="cover failed"))
     wait_for(lambda: out.exists() and out.read_text() == "gen-501 failed\n", what="the hook")
@@ -1877,6 +1917,17 @@ JSON_BODIES = st.fixed_dictionaries({
 }).map(lambda d: json.dumps(d).encode())
 
 
+@pytest.fixture(scope="module")
+def shared_receiver(tmp_path_factory):
+    """One receiver for every example of the property test."""
+    folder = str(tmp_path_factory.mktemp("property") / "covers")
+    config = cr.build_config(["--port", "0", "--host", "127.0.0.1", "--dir", folder], {})
+    receiver = cr.Receiver(config, resolver=names_to_loopback(), env={})
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["POST", "GET", "PUT"]),
        path=st.sampled_from(["/suno-cover-callback", "/suno-cover-callback?token=x", "/healthz",
@@ -1887,13 +1938,9 @@ JSON_BODIES = st.fixed_dictionaries({
        body=st.one_of(JSON_BODIES, st.binary(max_size=64)),
        with_length=st.booleans())
 def test_property_every_request_gets_an_answer_and_a_4xx_writes_nothing(
-        start, method, path, headers, body, with_length):
-    receiver = getattr(test_property_every_request_gets_an_answer_and_a_4xx_writes_nothing,
-                       "receiver", None)
-    if receiver is None:
-        receiver = start()
-        test_property_every_request_gets_an_answer_and_a_4xx_writes_nothing.receiver = receiver
-    before = leftovers(receiver.dir)
+        shared_receiver, caplog, method, path, headers, body, with_length):
+    receiver = shared_receiver
+    before = leftovers(receiver.config.dir)
     lines = ["%s %s HTTP/1.0" % (method, path)] + ["%s: %s" % pair for pair in headers]
     if with_length:
         lines.append("Content-Length: %d" % len(body))
@@ -1913,11 +1960,117 @@ def test_property_every_request_gets_an_answer_and_a_4xx_writes_nothing(
     code = int(match.group(1))
     assert 200 <= code < 300 or 400 <= code < 500 or code in (501, 503)
     if 400 <= code < 500:
-        assert leftovers(receiver.dir) == before
-
-
-def test_property_test_left_no_crashed_worker_or_handler(caplog):
-    """The receiver the property test used is gone with its fixture; what
-    matters is that no request crashed a thread (checked in that test by its
-    answers) and no worker logged a crash here."""
+        assert leftovers(receiver.config.dir) == before
     assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: the operator's view
+# ---------------------------------------------------------------------------
+
+def test_start_up_line_names_the_folder_and_the_download_policy(tmp_path):
+    folder = str(tmp_path / "covers")
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", folder,
+                            "--allow-host", "127.0.0.1", "--allow-host", "*.cdn.test"])
+    try:
+        line = proc.wait_log(r"listening .*").group()
+        assert "dir=%s " % os.path.abspath(folder) in line
+        assert "downloads=only 127.0.0.1,*.cdn.test " in line
+        assert "unprotected" not in proc.text()          # loopback only
+    finally:
+        assert proc.stop() == 0
+
+
+def test_an_open_unprotected_listener_warns_how_to_set_a_token(tmp_path):
+    proc = ReceiverProcess(["--port", "0", "--host", "0.0.0.0", "--dir", str(tmp_path / "c")])
+    try:
+        assert "downloads=public-https" in proc.wait_log(r"listening .*").group()
+        warning = proc.wait_log(r"WARNING unprotected .*").group()
+        assert "COVER_RECEIVER_TOKEN" in warning and "?token=" in warning
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_flood_of_rejections_is_logged_a_few_lines_then_counted(start, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    receiver = start()
+    for _ in range(30):
+        assert post(receiver.url, b"{not json")[0] == 400
+
+    def tally():
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+        detailed = [m for m in lines if m.startswith("rejected status=400")]
+        counted = sum(int(re.search(r"count=(\d+)", m).group(1))
+                      for m in lines if m.startswith("rejected-more"))
+        return detailed, counted
+    wait_for(lambda: sum(map(len, [tally()[0]])) + tally()[1] == 30, what="30 rejections told")
+    detailed, counted = tally()
+    assert "reason=body is not JSON" in detailed[0] and "client=127.0.0.1" in detailed[0]
+    assert counted > 0 and len(detailed) < 30         # a flood is counted, not logged line by line
+    assert all(r.levelname == "WARNING" for r in caplog.records
+               if r.getMessage().startswith("rejected"))
+
+
+def test_a_503_for_an_unwritable_dir_is_an_error_line(start, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    receiver = start()
+    shutil.rmtree(receiver.dir)
+    with open(receiver.dir, "w") as handle:
+        handle.write("x")
+    assert post(receiver.url, payload())[0] == 503
+    assert any(r.levelname == "ERROR" and r.getMessage().startswith("rejected status=503")
+               for r in caplog.records)
+
+
+def test_a_plain_http_url_is_refused_naming_allow_host(start, cdn):
+    receiver = start()
+    post(receiver.url, payload("plain", [cdn.route("/p.png", ok(PNG))]))
+    error = wait_status(receiver.dir, "plain", "failed")["error"]
+    assert "only https" in error and "--allow-host" in error and cdn.hits == {}
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["--on-complete", "/no/such/program --flag"], {}, "--on-complete"),
+    ([], {"COVER_RECEIVER_TOKEN": ""}, "COVER_RECEIVER_TOKEN"),
+    ([], {"COVER_RECEIVER_HMAC_KEY": ""}, "COVER_RECEIVER_HMAC_KEY"),
+    (["--token-file", "EMPTY"], {}, "--token-file"),
+    (["--timeout", "1e9"], {}, "from 0.1 to 3600 seconds"),
+])
+def test_bad_set_ups_are_refused_at_start_and_create_nothing(tmp_path, capfd, argv, env, named):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    folder = tmp_path / "covers"
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    assert cr.main(argv + ["--port", "0", "--dir", str(folder)], env=env) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not folder.exists()
+
+
+def test_a_start_that_cannot_listen_creates_no_folder(tmp_path):
+    folder = tmp_path / "covers"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = ReceiverProcess(["--host", "127.0.0.1", "--port", str(taken.getsockname()[1]),
+                                "--dir", str(folder)])
+        assert proc.exit()[0] == 2
+    assert not folder.exists()
+
+
+def test_a_second_stop_signal_while_draining_exits_at_once(tmp_path, cdn):
+    folder = str(tmp_path / "covers")
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", folder,
+                            "--allow-host", "127.0.0.1", "--drain-seconds", "600"])
+    post(proc.url, payload("impatient", [cdn.route("/i.png", stall(PNG), ok(PNG))]))
+    cdn.wait_hits("/i.png", 1)
+    proc.signal()
+    proc.wait_log("stopping")
+    proc.signal(signal.SIGINT)                        # the operator does not want to wait
+    assert proc.exit()[0] == 0                        # well within WAIT, not 600 s
+    assert "stopped-hard" in proc.text() and record(folder, "impatient")["status"] == "pending"
+
+
+def test_status_help_does_not_claim_to_create_the_folder(capfd):
+    assert cr.main(["status", "--help"], env={}) == 0
+    assert "create" not in capfd.readouterr().out.split("--dir")[1].split("--")[0]
