@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The README's systemd claims, checked under a real systemd: build a minimal
+# Debian rootfs, boot it with systemd-nspawn, install the receiver by running
+# the README's own install and socket blocks, then check READY=1, a callback
+# saved under StateDirectory= as the dynamic user, the hook in the sandbox,
+# a watchdog restart after SIGSTOP, a draining stop with status 0, and socket
+# activation. Outside CI it skips with one line when no container can boot
+# here; in CI (CI=true) that is a failure. Everything is removed at exit.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /var/tmp/cover-receiver-check.XXXXXX)
+rootfs=$work/rootfs
+nspawn_pid=""
+leader=""
+
+cleanup() {
+    if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
+        kill -TERM "$nspawn_pid" 2>/dev/null || true      # nspawn powers the container off
+        for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$nspawn_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cannot() {      # this machine cannot run the check
+    if [ "${CI:-}" = true ]; then echo "systemd check: FAILED: $1" >&2; exit 1; fi
+    echo "systemd check: skipped: $1"
+    exit 0
+}
+fail() { echo "systemd check: FAILED: $1" >&2; [ -z "$leader" ] || inside journalctl -u cover-receiver --no-pager | tail -n 20 >&2; exit 1; }
+ok() { echo "systemd check: ok: $1"; }
+inside() { nsenter -t "$leader" -a /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
+prop() { inside systemctl show -P "$2" "$1"; }
+is_active() { [ "$(prop cover-receiver ActiveState)" = active ]; }
+restarted_after() { [ "$(prop cover-receiver NRestarts)" -gt "$1" ]; }
+wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...: poll a condition with a deadline
+    local deadline=$((SECONDS + $1)) what=$2; shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for $what"
+        sleep 0.2
+    done
+}
+readme_block() {  # the first ```sh block after the heading $1, sudo dropped, interactive lines left out
+    awk -v heading="$1" '
+        $0 == heading { found = 1; next }
+        found && /^```sh/ { inblock = 1; next }
+        inblock && /^```/ { exit }
+        inblock { sub(/^sudo /, ""); gsub(/\| sudo /, "| "); gsub(/&& sudo /, "\\&\\& ");
+                  if ($0 !~ /^(systemctl status|journalctl)/) print }' "$repo/README.md"
+}
+
+command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null \
+    || cannot "systemd-nspawn and debootstrap are not installed"
+[ "$(id -u)" = 0 ] || cannot "needs root"
+
+# The mirror this machine's apt already uses (no package host is written here).
+mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
+[ -n "$mirror" ] || cannot "no Debian mirror in the apt sources"
+echo "systemd check: building a Debian rootfs (a few minutes)"
+debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,curl,ca-certificates \
+    bookworm "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 \
+    || { tail -n 5 "$work/debootstrap.log"; cannot "debootstrap failed"; }
+echo "127.0.0.1 localhost" > "$rootfs/etc/hosts"      # minbase has none
+echo cover-check > "$rootfs/etc/hostname"
+mkdir -p "$rootfs/root/src/systemd" "$rootfs/root/image"
+cp "$repo/cover_receiver.py" "$rootfs/root/src/"
+cp "$repo"/systemd/cover-receiver.* "$rootfs/root/src/systemd/"
+readme_block "## Install as a service" > "$rootfs/root/src/install.sh"
+readme_block "### Socket activation" > "$rootfs/root/src/socket.sh"
+[ -s "$rootfs/root/src/install.sh" ] && [ -s "$rootfs/root/src/socket.sh" ] \
+    || fail "README.md has no install or socket block"
+python3 -c 'import sys; sys.stdout.buffer.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)' \
+    > "$rootfs/root/image/c.png"
+
+systemd-nspawn --boot --private-network --register=no --keep-unit -D "$rootfs" -M cover-check \
+    > "$work/boot.log" 2>&1 &
+nspawn_pid=$!
+for _ in $(seq 150); do
+    leader=$(pgrep -P "$nspawn_pid" | head -n 1 || true)
+    [ -n "$leader" ] && inside systemctl is-system-running >/dev/null 2>&1 && break
+    kill -0 "$nspawn_pid" 2>/dev/null || { tail -n 5 "$work/boot.log"; cannot "systemd-nspawn cannot boot a container here"; }
+    sleep 0.2
+done
+state=$(inside systemctl is-system-running --wait || true)
+case "$state" in running|degraded) ok "container booted (systemd $(inside systemctl --version | awk 'NR == 1 { print $2 }'), $state)";;
+    *) cannot "the container did not boot: $state";; esac
+
+# 1. Install exactly as the README says; Type=notify is active only after READY=1.
+inside sh -ec "cd /root/src && . ./install.sh" > "$work/install.log" 2>&1 || { cat "$work/install.log"; fail "the README's install steps"; }
+wait_until 20 "the service to be active" is_active
+[ "$(prop cover-receiver Type)" = notify ] || fail "Type=notify"
+case "$(prop cover-receiver StatusText)" in *pending*) ;; *) fail "no STATUS= from the receiver";; esac
+ok "active (running) through READY=1: $(prop cover-receiver StatusText)"
+inside journalctl -u cover-receiver --no-pager -o cat | grep -m 1 "listening" | sed 's/^/systemd check:   /'
+
+# 2. A callback saved under the StateDirectory as the dynamic user, and the hook in the sandbox.
+inside systemd-run --unit cover-check-cdn -q /usr/bin/python3 -m http.server 8000 --bind 127.0.0.1 --directory /root/image
+cat > "$rootfs/opt/cover-receiver/hook" <<'EOF'
+#!/bin/sh
+echo "$COVER_TASK_ID $COVER_TASK_STATUS $(id -u)" > "$1/hook-ran"
+EOF
+chmod 755 "$rootfs/opt/cover-receiver/hook"
+printf 'COVER_RECEIVER_ALLOW_HOST=127.0.0.1\nCOVER_RECEIVER_ON_COMPLETE=/opt/cover-receiver/hook\n' \
+    >> "$rootfs/etc/cover-receiver/env"
+inside systemctl restart cover-receiver
+token=$(sed -n 's/^COVER_RECEIVER_TOKEN=//p' "$rootfs/etc/cover-receiver/env")
+post() {
+    inside curl -s --max-time 10 -H 'Content-Type: application/json' --data "$2" \
+        "http://127.0.0.1:3000/suno-cover-callback?token=$1"
+}
+body='{"code": 200, "msg": "success", "data": {"taskId": "check1", "images": ["http://127.0.0.1:8000/c.png"]}}'
+wait_until 20 "the cdn" inside curl -sf http://127.0.0.1:8000/c.png -o /dev/null
+answer=$(post "$token" "$body")
+[ "$answer" = '{"status": "received", "taskId": "check1"}' ] || fail "callback answered: $answer"
+saved=$rootfs/var/lib/private/cover-receiver/check1
+wait_until 20 "the cover" test -s "$saved/cover_1.png"
+cmp -s "$saved/cover_1.png" "$rootfs/root/image/c.png" || fail "the cover is not byte-exact"
+owner=$(stat -c %u "$saved/cover_1.png")
+[ "$owner" != 0 ] || fail "the cover belongs to root, not to a dynamic user"
+ok "callback saved byte-exact in /var/lib/cover-receiver/check1 as dynamic uid $owner"
+wait_until 20 "the hook" test -s "$saved/hook-ran"
+[ "$(cat "$saved/hook-ran")" = "check1 done $owner" ] || fail "hook wrote: $(cat "$saved/hook-ran")"
+ok "the hook ran in the sandbox: $(cat "$saved/hook-ran")"
+[ "$(post wrong "$body")" != "" ] || fail "no answer to a wrong token"
+
+# 3. A wedged process (SIGSTOP) is restarted by the watchdog.
+mkdir -p "$rootfs/etc/systemd/system/cover-receiver.service.d"
+printf '[Service]\nWatchdogSec=3\n' > "$rootfs/etc/systemd/system/cover-receiver.service.d/check.conf"
+inside systemctl daemon-reload
+inside systemctl restart cover-receiver
+wait_until 20 "the service to be active" is_active
+before=$(prop cover-receiver MainPID)
+restarts=$(prop cover-receiver NRestarts)
+inside systemctl kill --kill-who=main -s SIGSTOP cover-receiver
+wait_until 40 "a watchdog restart" restarted_after "$restarts"
+wait_until 20 "the restarted service" is_active
+[ "$(prop cover-receiver MainPID)" != "$before" ] || fail "the same process still runs"
+inside journalctl -u cover-receiver --no-pager | grep -q "Watchdog timeout" || fail "no watchdog timeout in the journal"
+ok "SIGSTOP: watchdog timeout, restarted (pid $before -> $(prop cover-receiver MainPID))"
+rm -r "$rootfs/etc/systemd/system/cover-receiver.service.d"
+inside systemctl daemon-reload
+
+# 4. systemctl stop drains and exits 0.
+inside systemctl stop cover-receiver
+[ "$(prop cover-receiver Result)" = success ] && [ "$(prop cover-receiver ExecMainStatus)" = 0 ] \
+    || fail "stop: Result=$(prop cover-receiver Result) status=$(prop cover-receiver ExecMainStatus)"
+inside journalctl -u cover-receiver --no-pager -o cat | tail -n 5 | grep -q "stopped pending=0" \
+    || fail "no drained stop in the journal"
+ok "systemctl stop: drained, exit status 0"
+
+# 5. Socket activation, by the README's socket block: the first POST starts the service.
+inside systemctl start cover-receiver
+inside sh -ec "cd /root/src && . ./socket.sh" > "$work/socket.log" 2>&1 || { cat "$work/socket.log"; fail "the README's socket steps"; }
+[ "$(prop cover-receiver.socket ActiveState)" = active ] || fail "the socket is not listening"
+[ "$(prop cover-receiver ActiveState)" = inactive ] || fail "the service runs before any connection"
+answer=$(post "$token" '{"code": 501, "msg": "x", "data": {"taskId": "check2", "images": null}}')
+[ "$answer" = '{"status": "received", "taskId": "check2"}' ] || fail "socket-activated answer: $answer"
+[ "$(prop cover-receiver ActiveState)" = active ] || fail "the first POST did not start the service"
+ok "socket activation: socket alone, then the first POST started the service and got 200"
+echo "systemd check: passed"
