@@ -5,7 +5,8 @@
 Usage:
     python3 cover_receiver.py [serve] [OPTIONS]           receive callbacks (default)
     python3 cover_receiver.py fetch TASKID... [OPTIONS]   poll the record-info API instead
-    python3 cover_receiver.py status [--dir D] [TASKID]   list tasks, or print one record
+    python3 cover_receiver.py retry [TASKID...] [OPTIONS] try failed images again now
+    python3 cover_receiver.py status [--dir D] [TASKID]   list tasks and why, or one record
 
 Give the API this callBackUrl:
     https://<your host>/suno-cover-callback              (add ?token=<token> if one is set)
@@ -13,15 +14,20 @@ Give the API this callBackUrl:
 serve options (each also read from COVER_RECEIVER_<NAME>, e.g. COVER_RECEIVER_PORT;
 the flag wins):
     --host 0.0.0.0            --port 3000             --path /suno-cover-callback
-    --dir ./covers            --workers 4             --attempts 5
-    --timeout 30              --max-image-bytes 26214400  --max-body-bytes 1048576
+    --dir ./covers            --workers 4             --timeout 30
+    --retry-for 1209600       --max-backoff 600       --attempts 0 (no limit)
+    --max-image-bytes 26214400  --max-body-bytes 1048576
     --allow-host HOST         (repeatable; env: comma-separated)
     --user-agent UA           --tls-cert PATH --tls-key PATH
     --on-complete CMD         --drain-seconds 10      --max-connections 64
     --request-timeout 10      --hmac-key-file PATH    --token-file PATH
 
+A passing download failure is tried again after about 1 s, doubling up to
+--max-backoff, until --retry-for after the task arrived (the URLs' lifetime).
+
 fetch options: --dir --api-base https://api.sunoapi.org --interval 30 --wait 600,
-plus --allow-host --attempts --timeout --max-image-bytes --user-agent --workers.
+plus the download options --allow-host --attempts --retry-for --max-backoff
+--timeout --max-image-bytes --user-agent --workers (retry takes them too).
 
 Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
@@ -29,11 +35,11 @@ Secrets are never command-line values:
     SUNO_API_KEY              API key for fetch
 
 Files: <dir>/<taskId>/task.json (the record) and cover_1.png, cover_2.jpg, ...
-Exit status: 0 ok; 1 fetch: a task failed; 2 bad usage or cannot start;
-3 fetch: a task is still generating when --wait ran out.
+Exit status: 0 ok; 1 fetch/retry: a task did not end done; 2 bad usage or cannot
+start; 3 fetch: a task is still generating when --wait ran out.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import argparse
 import base64
