@@ -701,6 +701,10 @@ class Platform:
     # A lock held elsewhere: EAGAIN from flock, EACCES or EDEADLOCK from
     # msvcrt.locking on Windows, and errno 0 from it under Wine.
     BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK) + ((0,) if WINDOWS else ())
+    # POSIX wakes a thread blocked on a socket that another thread shuts down, so
+    # a request deadline needs no socket timeout (which costs a poll per read);
+    # Windows under Wine does not, so there each socket gets the timeout too.
+    SOCKET_TIMEOUTS = WINDOWS
 
     @classmethod
     def lock(cls, fd, wait):
@@ -1791,6 +1795,7 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
     server_version = "cover_receiver/" + __version__
     sys_version = ""
     protocol_version = "HTTP/1.0"       # one request per connection: no idle keep-alive
+    wbufsize = -1                       # buffered: status, headers and body in one send
     default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
 
     def dispatch(self):
@@ -1985,7 +1990,8 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def finish_request(self, request, client_address):
         conn = request
         try:
-            request.settimeout(self.request_timeout)
+            if Platform.SOCKET_TIMEOUTS:
+                request.settimeout(self.request_timeout)
             if self.tls is not None:
                 conn = self.tls.wrap_socket(request, server_side=True,
                                             do_handshake_on_connect=False)

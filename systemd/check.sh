@@ -28,10 +28,16 @@ cannot() {      # this machine cannot run the check
     echo "systemd check: skipped: $1"
     exit 0
 }
-fail() { echo "systemd check: FAILED: $1" >&2; [ -z "$leader" ] || inside journalctl -u cover-receiver --no-pager | tail -n 20 >&2; exit 1; }
+fail() {
+    echo "systemd check: FAILED: $1" >&2
+    [ -z "$leader" ] || { journal > "$work/journal.txt" || true; tail -n 20 "$work/journal.txt" >&2; }
+    exit 1
+}
 ok() { echo "systemd check: ok: $1"; }
 inside() { nsenter -t "$leader" -a /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 prop() { inside systemctl show -P "$2" "$1"; }
+journal() { inside journalctl -u cover-receiver --no-pager -o cat; }   # read whole: no SIGPIPE
+journal_has() { journal > "$work/journal.txt"; grep -q -- "$1" "$work/journal.txt"; }
 is_active() { [ "$(prop cover-receiver ActiveState)" = active ]; }
 restarted_after() { [ "$(prop cover-receiver NRestarts)" -gt "$1" ]; }
 wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...: poll a condition with a deadline
@@ -93,7 +99,8 @@ wait_until 20 "the service to be active" is_active
 [ "$(prop cover-receiver Type)" = notify ] || fail "Type=notify"
 case "$(prop cover-receiver StatusText)" in *pending*) ;; *) fail "no STATUS= from the receiver";; esac
 ok "active (running) through READY=1: $(prop cover-receiver StatusText)"
-inside journalctl -u cover-receiver --no-pager -o cat | grep -m 1 "listening" | sed 's/^/systemd check:   /'
+journal > "$work/journal.txt"
+grep -m 1 "listening" "$work/journal.txt" | sed 's/^/systemd check:   /'
 
 # 2. A callback saved under the StateDirectory as the dynamic user, and the hook in the sandbox.
 inside systemd-run --unit cover-check-cdn -q /usr/bin/python3 -m http.server 8000 --bind 127.0.0.1 --directory /root/image
@@ -137,7 +144,8 @@ inside systemctl kill --kill-who=main -s SIGSTOP cover-receiver
 wait_until 40 "a watchdog restart" restarted_after "$restarts"
 wait_until 20 "the restarted service" is_active
 [ "$(prop cover-receiver MainPID)" != "$before" ] || fail "the same process still runs"
-inside journalctl -u cover-receiver --no-pager | grep -q "Watchdog timeout" || fail "no watchdog timeout in the journal"
+inside journalctl -u cover-receiver --no-pager > "$work/journal.txt"
+grep -q "Watchdog timeout" "$work/journal.txt" || fail "no watchdog timeout in the journal"
 ok "SIGSTOP: watchdog timeout, restarted (pid $before -> $(prop cover-receiver MainPID))"
 rm -r "$rootfs/etc/systemd/system/cover-receiver.service.d"
 inside systemctl daemon-reload
@@ -146,8 +154,7 @@ inside systemctl daemon-reload
 inside systemctl stop cover-receiver
 [ "$(prop cover-receiver Result)" = success ] && [ "$(prop cover-receiver ExecMainStatus)" = 0 ] \
     || fail "stop: Result=$(prop cover-receiver Result) status=$(prop cover-receiver ExecMainStatus)"
-inside journalctl -u cover-receiver --no-pager -o cat | tail -n 5 | grep -q "stopped pending=0" \
-    || fail "no drained stop in the journal"
+journal_has "stopped pending=0" || fail "no drained stop in the journal"
 ok "systemctl stop: drained, exit status 0"
 
 # 5. Socket activation, by the README's socket block: the first POST starts the service.
