@@ -984,15 +984,25 @@ def test_every_redirect_hop_is_checked_again(start, cdn):
 # 7. Start and stop
 # ---------------------------------------------------------------------------
 
+def pending_on_disk(folder, task_id, url, version_1_0=False):
+    """A pending task as a killed receiver leaves it (or as version 1.0 did)."""
+    stored = cr.new_record(cr.Callback(task_id, 200, "success", (url,)))
+    index = folder / (".pending.%s" % task_id)
+    if version_1_0:
+        for field in ("tries", "lastError", "nextTryAt"):
+            del stored[field]
+        index = folder / ".pending" / task_id
+    (folder / task_id).mkdir(parents=True)
+    (folder / task_id / "task.json").write_text(json.dumps(stored))
+    index.parent.mkdir(exist_ok=True)
+    index.touch()
+
+
 def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tmp_path):
     folder = tmp_path / "covers"
-    (folder / "old").mkdir(parents=True)
-    url = cdn.route("/old.png", ok(PNG))
-    stale = cr.new_record(cr.Callback("old", 200, "success", (url,)))
-    (folder / "old" / "task.json").write_text(json.dumps(stale))
+    pending_on_disk(folder, "old", cdn.route("/old.png", ok(PNG)))
     (folder / "old" / ".cover_1.part").write_bytes(b"half")
     (folder / "old" / ".task.json.dead.tmp").write_text("{")
-    (folder / ".pending.old").touch()
     # What a kill leaves elsewhere: a task folder being built, a probe, a lock file.
     (folder / ".new.gone.123.0").mkdir()
     (folder / ".new.gone.123.0" / "task.json").write_text("{")
@@ -1006,14 +1016,7 @@ def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tm
 
 def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path):
     folder = tmp_path / "covers"
-    (folder / ".pending").mkdir(parents=True)
-    (folder / "v10").mkdir()
-    url = cdn.route("/v.png", ok(PNG))
-    old = cr.new_record(cr.Callback("v10", 200, "success", (url,)))
-    for field in ("tries", "lastError", "nextTryAt"):
-        del old[field]
-    (folder / "v10" / "task.json").write_text(json.dumps(old))
-    (folder / ".pending" / "v10").touch()
+    pending_on_disk(folder, "v10", cdn.route("/v.png", ok(PNG)), version_1_0=True)
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "v10", "done")["files"] == ["cover_1.png"]
     assert leftovers(folder) == ["v10", "v10/cover_1.png", "v10/task.json"]
@@ -1021,12 +1024,8 @@ def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path)
 
 def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
     folder = tmp_path / "covers"
-    (folder / "crash").mkdir(parents=True)
-    url = cdn.route("/c.png", ok(PNG))
-    (folder / "crash" / "task.json").write_text(
-        json.dumps(cr.new_record(cr.Callback("crash", 200, "success", (url,)))))
+    pending_on_disk(folder, "crash", cdn.route("/c.png", ok(PNG)))
     (folder / "crash" / "cover_1.png").write_bytes(PNG)       # final name: it was complete
-    (folder / ".pending.crash").touch()
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "crash", "done")["files"] == ["cover_1.png"]
     assert cdn.hits == {}
