@@ -1834,6 +1834,18 @@ def test_after_a_failed_fsync_of_the_task_folder_the_retry_makes_it_durable(star
     assert wait_status(receiver.dir, "eio2", "done")
 
 
+def test_an_eio_while_recording_a_saved_cover_is_retried_not_stranded(start, cdn, fsync_faults):
+    faults, events = fsync_faults
+    receiver = start(*allow_loopback())
+    folder = os.path.join(os.path.abspath(receiver.dir), "eio3")
+    faults[folder] = ["fail"]          # the record update after the cover's rename fails
+    post(receiver.url, payload("eio3", [cdn.route("/e3.png", ok(PNG))]))
+    assert wait_status(receiver.dir, "eio3", "done")["files"] == ["cover_1.png"]
+    assert ("fsync failed", folder) in events
+    assert cdn.hits == {"/e3.png": 1}  # the saved cover was adopted, not fetched again
+    assert read(os.path.join(receiver.dir, "eio3", "cover_1.png")) == PNG
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs: a real full disk (needs root to mount; skipped otherwise)."""
