@@ -1653,6 +1653,15 @@ def test_retry_command_reports_each_task_and_exits_1_unless_all_are_done(start, 
         % os.path.abspath(receiver.dir)]
 
 
+def test_a_running_serve_takes_over_work_another_process_left_pending(start, cdn, tmp_path):
+    receiver = start(*allow_loopback())
+    # As a fetch or retry that stopped with a try still scheduled leaves it.
+    pending_on_disk(tmp_path / "covers", "left", cdn.route("/left.png", ok(PNG)))
+    receiver.next_rescan = time.monotonic()          # the minute's rescan, now
+    assert wait_status(receiver.dir, "left", "done")["files"] == ["cover_1.png"]
+    assert cdn.hits == {"/left.png": 1}
+
+
 def test_a_failure_callback_ends_its_task_and_runs_the_hook(start, tmp_path, caplog):
     caplog.set_level("INFO", logger="cover_receiver")
     out = tmp_path / "hook.out"
