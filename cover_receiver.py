@@ -43,6 +43,7 @@ __version__ = "1.1.0"
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -2112,8 +2113,8 @@ class Receiver:
         work = self.store.recover()
         self.queue.start()
         self.hooks.start()
-        for task_id in dict.fromkeys(job[0] for job in work):
-            log_event("resume", task_id, images=sum(1 for job in work if job[0] == task_id))
+        for task_id, images in collections.Counter(job[0] for job in work).items():
+            log_event("resume", task_id, images=images)
         self.queue.put(work)
         self._thread.start()
         self._log_listening(len(work))
