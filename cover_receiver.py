@@ -1926,13 +1926,52 @@ class RejectionLog:
             self._second, self._logged, self._suppressed = second, 0, 0
 
 
-class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """Threaded HTTP(S) server: a thread per connection up to --max-connections
-    (over the cap: 503), and a whole-request deadline enforced by one reaper
-    thread, so a client dripping bytes (slowloris) cannot hold a thread."""
+class ConnectionPool:
+    """Threads that serve accepted connections, started as needed up to size
+    and then reused: a connection costs a queue hand-off, not a new thread
+    (Thread.start() also waits until the new thread runs)."""
 
-    daemon_threads = True
-    block_on_close = True           # server_close() waits for requests in flight
+    def __init__(self, size, serve):
+        self.size, self.serve = size, serve
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0                  # threads waiting for a job, not yet promised one
+        self._threads = []
+
+    def submit(self, request, client_address):
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name="http-%d" % len(self._threads))
+                self._threads.append(thread)
+                thread.start()
+        self._jobs.put((request, client_address))
+
+    def close(self):
+        """Serve what is queued, then end every thread."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self.serve(*job)
+            with self._lock:
+                self._idle += 1
+
+
+class CallbackServer(http.server.HTTPServer):
+    """HTTP(S) server: connections served by a pool of at most
+    --max-connections threads (over the cap: 503), and a whole-request
+    deadline enforced by one reaper thread, so a client dripping bytes
+    (slowloris) cannot hold a thread."""
+
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -1940,6 +1979,7 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.receiver = receiver
         self.request_timeout = config.request_timeout
         self.slots = threading.BoundedSemaphore(config.max_connections)
+        self.pool = ConnectionPool(config.max_connections, self._serve_connection)
         self.deadlines = {}                       # socket -> monotonic deadline
         self.deadlines_lock = threading.Lock()
         self.lingering = {}                       # refused socket -> monotonic deadline
@@ -1973,19 +2013,18 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def process_request(self, request, client_address):
         if self.slots.acquire(blocking=False):
-            try:
-                return super().process_request(request, client_address)
-            except BaseException:
-                self.slots.release()
-                raise
+            return self.pool.submit(request, client_address)
         self.receiver.metrics.inc("callbacks_total", "unavailable")
         self.receiver.rejections.note(503, client_address[0], "max-connections")
         self._refuse(request)
 
-    def process_request_thread(self, request, client_address):
+    def _serve_connection(self, request, client_address):
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:               # thread boundary: socketserver logs it
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self.slots.release()
 
     def finish_request(self, request, client_address):
@@ -2063,7 +2102,8 @@ class CallbackServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.receiver.tick()
 
     def server_close(self):
-        super().server_close()          # closes the listener, joins request threads
+        super().server_close()          # closes the listener
+        self.pool.close()               # answers the requests in flight
         self.stopped.set()
         for thread in self.helpers:
             thread.join(5)
