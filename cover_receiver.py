@@ -2544,6 +2544,9 @@ def main(argv=None, env=None):
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.Formatter.converter = time.gmtime
+    # The format names no process or thread: skip gathering them for every
+    # record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         config = build_config(argv, env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
