@@ -1230,13 +1230,19 @@ def test_a_stalled_client_is_cut_off_while_others_are_served(start):
     assert visible_entries(receiver.dir) == ["busy"]
 
 
-def test_connection_cap_answers_503_and_recovers(start):
-    receiver = start("--max-connections", "2", "--request-timeout", "30")
+def fill_the_cap(receiver, count):
+    """Open count connections whose request never ends: every slot is taken."""
     parts = cr.urllib.parse.urlsplit(receiver.url)
-    idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(2)]
+    idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(count)]
     for sock in idle:
         sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\n")      # never finished
-    wait_for(lambda: receiver.server.slots._value == 0, what="both slots taken")
+    wait_for(lambda: receiver.server.slots._value == 0, what="every slot taken")
+    return parts, idle
+
+
+def test_connection_cap_answers_503_and_recovers(start):
+    receiver = start("--max-connections", "2", "--request-timeout", "30")
+    parts, idle = fill_the_cap(receiver, 2)
     code, answer, response = post(receiver.url, payload("capped", ["http://127.0.0.1:9/x"]))
     assert code == 503 and response.getheader("Retry-After") == "1"
     for sock in idle:
@@ -1905,11 +1911,7 @@ def test_a_full_disk_while_saving_is_retried_until_it_lands(small_disk, start, c
 
 def test_refusals_over_the_cap_are_answered_at_once_and_every_one(start):
     receiver = start("--max-connections", "2", "--request-timeout", "30")
-    parts = cr.urllib.parse.urlsplit(receiver.url)
-    idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(2)]
-    for sock in idle:
-        sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\n")      # never finished
-    wait_for(lambda: receiver.server.slots._value == 0, what="both slots taken")
+    parts, idle = fill_the_cap(receiver, 2)
     # 70 clients over the cap that never send a byte: each still gets its 503.
     silent = [socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
               for _ in range(70)]
