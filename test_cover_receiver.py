@@ -1941,9 +1941,10 @@ JSON_BODIES = st.fixed_dictionaries({
 }).map(lambda d: json.dumps(d).encode())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shared_receiver(tmp_path_factory):
-    """One receiver for every example of the property test."""
+    """One receiver for every example of the property test, stopped with it
+    (a receiver that outlived its test would log into later tests' caplog)."""
     folder = str(tmp_path_factory.mktemp("property") / "covers")
     config = cr.build_config(["--port", "0", "--host", "127.0.0.1", "--dir", folder], {})
     receiver = cr.Receiver(config, resolver=names_to_loopback(), env={})
