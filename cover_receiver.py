@@ -229,8 +229,10 @@ def escape(value, limit=200):
     non-ASCII characters escaped, length bounded."""
     text = str(value)
     clipped = len(text) > limit
-    text = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
-    text = CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    text = text[:limit]
+    if not (text.isascii() and text.isprintable()):
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+        text = CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
     return text + ("..." if clipped else "")
 
 
@@ -1887,7 +1889,7 @@ def check_headers(headers):
     parse cleanly is refused, so no two parsers can read it differently."""
     if headers.defects or headers.get_payload():     # e.g. whitespace before a colon
         raise BadCallback("malformed header section")
-    for name, value in headers.items():
+    for name, value in headers.raw_items():         # as received, no policy parsing
         if not HEADER_NAME.fullmatch(name):
             raise BadCallback("malformed header name %s" % escape(name, 40))
         if HEADER_VALUE_BAD.search(value):
@@ -2544,9 +2546,10 @@ def main(argv=None, env=None):
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.Formatter.converter = time.gmtime
-    # The format names no process or thread: skip gathering them for every
-    # record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
+    # The format names no caller, process or thread: skip gathering them for
+    # every record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     try:
         config = build_config(argv, env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,

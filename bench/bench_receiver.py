@@ -142,27 +142,48 @@ class Baseline:
         self.proc.wait()
 
 
+class LogPipe:
+    """Where a server's stdout and stderr go: a pipe read to its end by a
+    thread, as journald reads a service. (A file on the bench's disk would add
+    the log's new blocks to every fsync's journal commit, a cost no peer
+    writing to /dev/null pays.)"""
+
+    def __init__(self):
+        read_fd, self.fd = os.pipe()
+        self.chunks = []
+        self.thread = threading.Thread(target=self._drain, args=(read_fd,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, read_fd):
+        with open(read_fd, "rb", buffering=0) as pipe:
+            for chunk in iter(lambda: pipe.read(65536), b""):
+                self.chunks.append(chunk)
+
+    def started(self):
+        """Call once the child has the write end."""
+        os.close(self.fd)
+
+    def text(self):
+        return b"".join(self.chunks).decode(errors="replace")
+
+
 class Receiver:
-    """cover_receiver.py as a subprocess; stderr goes to a file."""
+    """cover_receiver.py as a subprocess, its stderr in a LogPipe."""
 
     def __init__(self, folder, *args):
-        self.log = tempfile.TemporaryFile()
+        self.log = LogPipe()
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", "0", "--dir", folder,
-             "--allow-host", "127.0.0.1", *args], stderr=self.log)
-        self.started = time.monotonic()
+             "--allow-host", "127.0.0.1", *args], stderr=self.log.fd)
+        self.log.started()
         self.port = None
         while self.port is None:
             if self.proc.poll() is not None:
-                raise RuntimeError("receiver exited: " + self.text())
-            match = re.search(r"listening .*port=(\d+)", self.text())
+                raise RuntimeError("receiver exited: " + self.log.text())
+            match = re.search(r"listening .*port=(\d+)", self.log.text())
             self.port = int(match.group(1)) if match else None
             time.sleep(0.002)
         self.url = "http://127.0.0.1:%d/suno-cover-callback" % self.port
-
-    def text(self):
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
 
     def healthz(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -181,7 +202,6 @@ class Receiver:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
-        self.log.close()
 
 
 # ---------------------------------------------------------------------------
@@ -271,11 +291,13 @@ class FlaskPeer:
     """The seed's Flask receiver (bench/seed_flask_peer.py) as a subprocess."""
 
     def __init__(self, folder):
+        self.log = LogPipe()
         port = free_port()
         os.makedirs(folder)
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "seed_flask_peer.py"),
-                                      str(port)], cwd=folder, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                      str(port)], cwd=folder, stdout=self.log.fd,
+                                     stderr=self.log.fd)
+        self.log.started()
         self.url = "http://127.0.0.1:%d/suno-cover-callback" % port
         wait_until(lambda: self.proc.poll() is None and port_open(port), 30)
 
