@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark cover_receiver against baselines measured in the same run.
 
-    python3 bench/bench_receiver.py            full run (about 2 minutes)
+    python3 bench/bench_receiver.py            full run (about 90 s)
     python3 bench/bench_receiver.py --quick    small counts, a few seconds (CI)
 
 Starts cover_receiver.py as a subprocess on loopback with a fake CDN (also
@@ -15,9 +15,9 @@ missing is skipped with a line saying so. Nothing here is asserted in tests.
 import argparse
 import collections
 import http.client
+import http.server
 import importlib.util
 import itertools
-import http.server
 import json
 import os
 import platform
@@ -103,8 +103,8 @@ def durable_write(root, name, raw):
 
 
 def disk_rate(work, seconds, threads=8):
-    """durable_write()s per second from 8 threads with no HTTP in front: what
-    the disk allows right now (a virtual disk may throttle after a burst)."""
+    """durable_write()s per second from threads writers with no HTTP in front:
+    what the disk allows right now (a virtual disk may throttle after a burst)."""
     root = tempfile.mkdtemp(prefix="disk-", dir=work)
     serial, deadline = itertools.count(), time.monotonic() + seconds
 
