@@ -2550,10 +2550,9 @@ def main(argv=None, env=None):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    # The format names no caller, process or thread: skip gathering them for
-    # every record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
+    # The format names no process or thread: skip gathering them for every
+    # record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None
     try:
         config = build_config(argv, env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
