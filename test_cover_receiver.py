@@ -6,6 +6,7 @@ seams: resolver, client TLS context, clock) or as a subprocess where process
 behaviour matters (kill -9, SIGTERM, systemd). No mocked network or filesystem.
 """
 
+import calendar
 import contextlib
 import dataclasses
 import http.client
@@ -1168,6 +1169,16 @@ def test_key_and_token_together_are_both_required(start):
     assert post(receiver.url + "?token=tok", body)[0] == 401
     assert post(receiver.url, body, signed_headers(b"k3y", "both"))[0] == 401
     assert post(receiver.url + "?token=tok", body, signed_headers(b"k3y", "both"))[0] == 200
+
+
+def test_log_lines_are_stamped_in_utc_whatever_the_local_zone(tmp_path):
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path)],
+                           env={"TZ": "XYZ-05:30"})        # POSIX TZ: 5.5 h east of UTC
+    try:
+        stamp = proc.wait_log(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} INFO listening").group(1)
+    finally:
+        assert proc.stop() == 0
+    assert abs(calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) - time.time()) < 60
 
 
 def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
