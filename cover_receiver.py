@@ -236,10 +236,6 @@ def escape(value, limit=200):
     return text + ("..." if clipped else "")
 
 
-class UTCFormatter(logging.Formatter):
-    converter = time.gmtime             # log times in UTC, like task.json's
-
-
 def log_event(event, task=None, level=logging.INFO, **fields):
     parts = [event]
     if task is not None:
@@ -2548,7 +2544,8 @@ def main(argv=None, env=None):
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ) if env is None else env
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.formatter.converter = time.gmtime       # UTC, like task.json's times
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     # The format names no process or thread: skip gathering them for every
     # record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
