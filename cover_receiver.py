@@ -14,7 +14,7 @@ Give the API this callBackUrl:
 serve options (each also read from COVER_RECEIVER_<NAME>, e.g. COVER_RECEIVER_PORT;
 the flag wins):
     --host 0.0.0.0            --port 3000             --path /suno-cover-callback
-    --dir ./covers            --workers 4             --timeout 30
+    --dir ./covers            --workers 4             --timeout 30   --min-rate 1024
     --retry-for 1209600       --max-backoff 600       --attempts 0 (no limit)
     --max-image-bytes 26214400  --max-body-bytes 1048576
     --allow-host HOST         (repeatable; env: comma-separated)
@@ -27,7 +27,7 @@ A passing download failure is tried again after about 1 s, doubling up to
 
 fetch options: --dir --api-base https://api.sunoapi.org --interval 30 --wait 600,
 plus the download options --allow-host --attempts --retry-for --max-backoff
---timeout --max-image-bytes --user-agent --workers (retry takes them too).
+--timeout --min-rate --max-image-bytes --user-agent --workers (retry takes them too).
 
 Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
@@ -54,6 +54,7 @@ import hmac
 import heapq
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -69,13 +70,15 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 
-WINDOWS = os.name == "nt"       # the one place that asks; see the Platform section
+WINDOWS = os.name == "nt"       # the places that ask; see the Platform section
+LINUX = sys.platform.startswith("linux")
 if WINDOWS:
     import msvcrt
 else:
@@ -96,6 +99,11 @@ API_BACKOFF_CAP = 60.0          # fetch: longest wait between polls after an API
 HOOK_TIMEOUT = 60.0
 CHUNK = 256 * 1024
 MAX_API_ANSWER = 1024 * 1024
+MAX_RECORD_BYTES = 1024 * 1024  # a task.json is a few KB; anything larger is not ours
+HOOK_OUTPUT_BYTES = 8192        # a hook's output kept for the log; the rest is read and counted
+HOOK_OUTPUT_LINES = 20
+HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
+PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
 PENDING_PREFIX = ".pending."    # <dir>/.pending.<taskId>: index of unfinished tasks
@@ -104,7 +112,11 @@ LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, prese
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
 MAX_LINGERING = 256             # refused connections drained at once; more are closed
 PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
-PENDING, DONE, FAILED = "pending", "done", "failed"
+PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
+COVER_NAME = re.compile(r"cover_([1-9][0-9]?)\.(png|jpg|webp|gif)")
+# A DNS name as a resolver can take it (RFC 1035 2.3.4: labels of at most 63,
+# a name of at most 253 characters); "_" appears in real host names.
+HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (408, 429)     # plus every 5xx
 IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"),
@@ -127,6 +139,9 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10",
     "ff00::/8"))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+# IANA allocates only 2000::/3 as global unicast: the rest of the IPv6 space is
+# refused as a whole, not listed (4000::1, fe00::1, ::1:0:0:1 are not public).
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 DIGITS = re.compile(r"[0-9]{1,18}")                    # ASCII only, unlike str.isdigit()
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")   # RFC 9110 5.1 token
@@ -204,6 +219,21 @@ class Aborted(ReceiverError):
     """Shutdown cut a download short; the image stays pending on disk."""
 
 
+class TooSlow(ReceiverError, OSError):
+    """A transfer fell under --min-rate or past its deadline. An OSError, so
+    that the code reading a socket treats it as the I/O failure it is."""
+
+
+class CorruptRecord(ReceiverError):
+    """A task's folder or task.json is not what this program writes: a link,
+    not a directory or regular file, too large, not JSON, or the wrong shape.
+    Never fatal; whole_folder says whether the folder itself is the problem."""
+
+    def __init__(self, message, whole_folder=False):
+        super().__init__(message)
+        self.whole_folder = whole_folder
+
+
 class ApiError(ReceiverError):
     """The record-info API did not give a usable answer."""
 
@@ -227,7 +257,10 @@ def utc_now(timestamp=None):
 def escape(value, limit=200):
     """Make attacker-controlled text safe for a one-line log: control and
     non-ASCII characters escaped, length bounded."""
-    text = str(value)
+    try:
+        text = str(value)
+    except ValueError:                  # an int past sys.get_int_max_str_digits()
+        text = "<a %d-bit number>" % value.bit_length()
     clipped = len(text) > limit
     text = text[:limit]
     if not (text.isascii() and text.isprintable()):
@@ -290,6 +323,21 @@ class Backoff:
         if retry_after is not None:
             gap = max(gap, min(retry_after, self.cap))
         return gap
+
+
+class Clock:
+    """The two clocks, as one seam. Wall time is for what is stored or signed
+    (task.json times, the signature window); every wait and deadline inside
+    the process runs on the monotonic clock, so a step of the wall clock
+    (NTP, a VM resumed) neither stalls a retry nor ends one early."""
+
+    @staticmethod
+    def wall():
+        return time.time()
+
+    @staticmethod
+    def mono():
+        return time.monotonic()
 
 
 def sniff_image(head):
@@ -416,6 +464,9 @@ OPTIONS = (
            "image (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
     Option("timeout", "30", _seconds(0.1, 3600), "seconds for one network step (connect, each read)",
            DOWNLOAD, metavar="SECONDS"),
+    Option("min-rate", "1024", _int_range(0), "bytes/s: a download (or fetch's API answer) "
+           "averaging less over any --timeout window is cut and tried again later (0: off)",
+           DOWNLOAD),
     Option("max-image-bytes", "26214400", _int_range(1), "larger images are refused", DOWNLOAD),
     Option("max-body-bytes", "1048576", _int_range(1), "larger callbacks get 413"),
     Option("allow-host", None, _host_pattern,
@@ -461,6 +512,7 @@ class Config:
     retry_for: float = None
     max_backoff: float = None
     timeout: float = None
+    min_rate: int = None
     max_image_bytes: int = None
     max_body_bytes: int = None
     allow_host: tuple = ()
@@ -482,6 +534,7 @@ class Config:
     # Not on the command line: seams the tests turn down so they need no sleeps.
     backoff_base: float = 1.0
     hook_timeout: float = HOOK_TIMEOUT
+    rescan_seconds: float = RESCAN_SECONDS
 
     def __repr__(self):      # keep secrets out of any accidental print
         return "Config(command=%r, dir=%r, port=%r)" % (self.command, self.dir, self.port)
@@ -657,7 +710,20 @@ def url_problem(url):
         return "is not a valid URL"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
+    if not host_can_resolve(parts.hostname):
+        return "has a host that is neither an IP address nor a DNS name"
     return None
+
+
+def host_can_resolve(host):
+    """True for an IP literal or a syntactically valid DNS name; a name no
+    resolver can take (a label over 63 characters, %-escapes) is refused for
+    good, not retried as a DNS failure for 14 days."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host.split("%")[0] if ":" in host else host)
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return len(name) <= 253 and all(HOST_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def webhook_signature(key, task_id, timestamp):
@@ -704,6 +770,13 @@ class Platform:
     # A lock held elsewhere: EAGAIN from flock, EACCES or EDEADLOCK from
     # msvcrt.locking on Windows, and errno 0 from it under Wine.
     BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK) + ((0,) if WINDOWS else ())
+    # Never follow a link at the last step of a path inside <dir>; ELOOP is what
+    # O_NOFOLLOW gives on Linux and macOS, EMLINK on FreeBSD. Windows has no
+    # O_NOFOLLOW (links there need a privilege: README) and wants O_BINARY.
+    NO_LINK = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    LINK_ERRNOS = (errno.ELOOP, errno.EMLINK)
+    # Reading never waits on a FIFO planted where a file should be.
+    READ_FLAGS = os.O_RDONLY | NO_LINK | getattr(os, "O_NONBLOCK", 0)
     # POSIX wakes a thread blocked on a socket that another thread shuts down, so
     # a request deadline needs no socket timeout (which costs a poll per read);
     # Windows under Wine does not, so there each socket gets the timeout too.
@@ -792,6 +865,65 @@ class Platform:
             else:
                 os.killpg(process.pid, signal.SIGKILL)
 
+    @staticmethod
+    def kill_marked(marker):
+        """Linux: kill every process whose environment holds marker (NAME=VALUE
+        or a prefix of it): a hook's descendants, also those that left its
+        process group with setsid. Elsewhere there is no portable way (README)."""
+        if not LINUX:
+            return
+        needle = b"\0" + marker.encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError, ValueError):
+                with open("/proc/%s/environ" % pid, "rb") as handle:
+                    if needle in b"\0" + handle.read():
+                        os.kill(int(pid), signal.SIGKILL)
+
+    @classmethod
+    def open_here(cls, path, flags, mode=0o644):
+        """os.open for a file of the store's own. A link planted at path is
+        removed (never followed), and so is a stale file where flags say
+        O_EXCL; then the open is tried once more."""
+        try:
+            return cls.retry_sharing(os.open, path, flags | cls.NO_LINK, mode)
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and exc.errno not in cls.LINK_ERRNOS:
+                raise
+        os.unlink(path)
+        return cls.retry_sharing(os.open, path, flags | cls.NO_LINK, mode)
+
+
+def read_regular_file(path, limit):
+    """The bytes of path, which must be a regular file of at most limit bytes
+    (no link followed, no FIFO waited on). FileNotFoundError when absent,
+    CorruptRecord saying why when it is there but not that."""
+    name = os.path.basename(path)
+    try:
+        fd = Platform.retry_sharing(os.open, path, Platform.READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(path) from None
+    except OSError as exc:
+        raise CorruptRecord("%s cannot be opened: %s" % (name, os_reason(exc))) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptRecord("%s is not a regular file" % name)
+        if info.st_size > limit:
+            raise CorruptRecord("%s is larger than %d bytes" % (name, limit))
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise CorruptRecord("%s cannot be read: %s" % (name, os_reason(exc))) from None
+    finally:
+        os.close(fd)
+    return data
+
+
+def os_reason(exc):
+    """An OSError as a short line: 'Permission denied (EACCES)'."""
+    code = errno.errorcode.get(exc.errno)
+    text = exc.strerror or str(exc)
+    return "%s (%s)" % (text, code) if code else text
+
 
 class LockFile:
     """An exclusive lock shared by threads and processes: a file under
@@ -802,7 +934,7 @@ class LockFile:
 
     def acquire(self, wait=True):
         while True:
-            fd = Platform.retry_sharing(os.open, self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 if not Platform.lock(fd, wait):
                     os.close(fd)
@@ -844,8 +976,7 @@ class Job:
     """What a claim found for one image: where to get it and its schedule."""
     url: str
     tries: int
-    due: float                  # unix time of the next try (0: now)
-    received: float             # unix time the task was received
+    due: float                  # unix time of the next try on disk (0: now)
     saved_as: str = None        # a cover already under its final name: adopt it
 
 
@@ -855,10 +986,15 @@ class TaskStore:
     A new task is built in a hidden folder, its task.json fsynced, renamed into
     place and made durable by one fsync of <dir>; the rename fails when the task
     exists, which is the duplicate signal. <dir>/.pending.<taskId> marks an
-    unfinished task, so start-up never reads finished records. Lock files under
-    <dir>/.locks serialise record updates (<taskId>) and claim one image
-    (<taskId>.<n>) across threads and processes (serve, fetch and retry may
-    share a folder).
+    unfinished task, so start-up never reads finished records; it is made
+    before any record write, so a crash mid-write leaves a task that start-up
+    sweeps. Lock files under <dir>/.locks serialise record updates (<taskId>)
+    and claim one image (<taskId>.<n>) across threads and processes (serve,
+    fetch and retry may share a folder).
+
+    Nothing on disk is trusted: every record is read through read(), which
+    follows no link and checks type, size and shape; a corrupt one is noted
+    (logged once, counted) and never stops the caller.
     """
 
     def __init__(self, root):
@@ -866,10 +1002,21 @@ class TaskStore:
         self.locks = os.path.join(self.root, LOCKS_DIR)
         self._pid = os.getpid()
         self._serial = itertools.count()        # unique temp names without getrandom()
+        self._corrupt = {}                      # taskId -> why, for tasks found corrupt
+        self._corrupt_lock = threading.Lock()
 
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
-        os.makedirs(self.locks, exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
+        info = None
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(self.locks)
+        if info is not None and not stat.S_ISDIR(info.st_mode):     # a link: never follow it
+            log_event("store-entry-removed", level=logging.ERROR, path=self.locks,
+                      reason="not a folder (a link?)")
+            os.unlink(self.locks)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.locks)
         self.probe()
 
     def probe(self):
@@ -888,16 +1035,40 @@ class TaskStore:
         return os.path.join(self.root, task_id)
 
     def read(self, task_id):
+        """The task's record (1.0 records upgraded), or None when there is no
+        such task or its folder holds no record yet. Raises CorruptRecord."""
+        folder = self._checked_dir(task_id)
+        if folder is None:
+            return None
         try:
-            with Platform.retry_sharing(open, os.path.join(self.task_dir(task_id), "task.json"),
-                                        "rb") as handle:
-                record = json.load(handle)
+            data = read_regular_file(os.path.join(folder, "task.json"), MAX_RECORD_BYTES)
         except FileNotFoundError:
             return None
-        except ValueError:
-            log_event("record-unreadable", task_id, logging.WARNING)
-            return None
-        return upgrade_record(record) if isinstance(record, dict) else None
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise CorruptRecord("task.json is not JSON") from None
+        problem = record_problem(record, task_id)
+        if problem:
+            raise CorruptRecord("task.json " + problem)
+        return record
+
+    def note_corrupt(self, task_id, exc):
+        """Remember a corrupt task for /healthz and log it, once per task."""
+        with self._corrupt_lock:
+            known = self._corrupt.get(task_id) == str(exc)
+            self._corrupt[task_id] = str(exc)
+        if not known:
+            log_event("record-corrupt", task_id, logging.ERROR, reason=exc,
+                      note="left as it is; a new delivery of the task repairs it")
+
+    def corrupt_count(self):
+        with self._corrupt_lock:
+            return len(self._corrupt)
+
+    def _forget_corrupt(self, task_id):
+        with self._corrupt_lock:
+            self._corrupt.pop(task_id, None)
 
     def pending_ids(self, names=None):
         names = os.listdir(self.root) if names is None else names
@@ -911,9 +1082,13 @@ class TaskStore:
             return 0
 
     def records(self):
+        """Every task's record; a corrupt one as {taskId, status: corrupt, error}."""
         for name in sorted(os.listdir(self.root)):
             if TASK_ID_RE.fullmatch(name):
-                record = self.read(name)
+                try:
+                    record = self.read(name)
+                except CorruptRecord as exc:
+                    record = {"taskId": name, "status": CORRUPT, "error": str(exc)}
                 if record is not None:
                     yield record
 
@@ -928,7 +1103,7 @@ class TaskStore:
                 return "received", record
             return self._accept_again(callback)
         except OSError as exc:
-            raise Unavailable("cannot record the task durably: %s" % (exc.strerror or exc)) from exc
+            raise Unavailable("cannot record the task durably: %s" % os_reason(exc)) from exc
 
     def _create(self, task_id, record):
         """Two fsyncs: task.json in a hidden folder, then <dir> after the
@@ -940,7 +1115,7 @@ class TaskStore:
             os.rename(building, path)
         except OSError:
             shutil.rmtree(building, ignore_errors=True)
-            if os.path.isdir(path):
+            if os.path.lexists(path):
                 return False
             raise
         if record["status"] == PENDING:
@@ -949,11 +1124,11 @@ class TaskStore:
         return True
 
     def _accept_again(self, callback):
-        path = self.task_dir(callback.task_id)
-        with self._locked(callback.task_id):
-            record = self.read(callback.task_id)
+        task_id = callback.task_id
+        with self._locked(task_id):
+            record = self._read_or_set_aside(task_id)
             if record is None:                  # a folder without a record: start it anew
-                self._sweep(callback.task_id)
+                self._sweep(task_id)
                 record = new_record(callback)
             elif record["status"] == FAILED and callback.code == 200:
                 reopen_record(record, callback)
@@ -961,28 +1136,43 @@ class TaskStore:
                 # Another delivery may still be inside its fsync, or its fsync
                 # failed: make what we are about to report durable ourselves.
                 if record["status"] == PENDING:
-                    self._mark(callback.task_id)
-                Platform.fsync_dir(path)
+                    self._mark(task_id)
+                Platform.fsync_dir(self.task_dir(task_id))
                 Platform.fsync_dir(self.root)
                 return "duplicate", record
-            self._write(callback.task_id, record)
-            if record["status"] == PENDING:
-                self._mark(callback.task_id)
-            Platform.fsync_dir(self.root)
+            self._write_marked(task_id, record)
             return "received", record
 
+    def _read_or_set_aside(self, task_id):
+        """read(), but a corrupt folder or record is moved aside (kept for the
+        operator as <name>.corrupt-<ns>) and None returned: the delivery in
+        hand carries all a new record needs, and covers already saved under
+        their final names are adopted, not fetched again."""
+        try:
+            return self.read(task_id)
+        except CorruptRecord as exc:
+            folder = self.task_dir(task_id)
+            bad = folder if exc.whole_folder else os.path.join(folder, "task.json")
+            kept = "%s.corrupt-%d" % (bad, time.time_ns())
+            os.rename(bad, kept)
+            if exc.whole_folder:
+                os.mkdir(folder)
+            self._forget_corrupt(task_id)
+            log_event("record-repaired", task_id, logging.ERROR, reason=exc,
+                      kept=os.path.relpath(kept, self.root), note="started anew from this delivery")
+            return None
+
     def reopen_failed(self, task_id):
-        """retry: make a failed task's failed images pending again. Returns the
-        record, or None when there is no such task."""
+        """retry: make a failed task's failed images pending again. Returns
+        (reopened, record); record None when there is no such task. Raises
+        CorruptRecord."""
         with self._locked(task_id):
             record = self.read(task_id)
             if record is None or record["status"] != FAILED or not record["images"]:
-                return record
+                return False, record
             reopen_record(record, None)
-            self._write(task_id, record)
-            self._mark(task_id)
-            Platform.fsync_dir(self.root)
-            return record
+            self._write_marked(task_id, record)
+            return True, record
 
     # -- downloading one image -------------------------------------------------
 
@@ -995,35 +1185,39 @@ class TaskStore:
             if abort.wait(CLAIM_POLL):
                 raise Aborted("stopping")
         try:
-            record = self.read(task_id)
+            record = self._read_noting(task_id)
             if record is None or index not in missing_images(record):
                 yield None
                 return
+            folder = self.task_dir(task_id)
             saved = [name for name in ("cover_%d.%s" % (index + 1, ext) for ext in COVER_EXTS)
-                     if os.path.exists(os.path.join(self.task_dir(task_id), name))]
+                     if is_regular_file(os.path.join(folder, name))]
             yield Job(record["images"][index], record["tries"][index],
-                      parse_utc(record["nextTryAt"][index]) or 0.0,
-                      parse_utc(record["receivedAt"]) or time.time(), (saved or [None])[0])
+                      parse_utc(record["nextTryAt"][index]) or 0.0, (saved or [None])[0])
         finally:
             lock.release()
 
     def save_cover(self, task_id, index, write):
         """Run write(file) into a hidden temp file, then fsync and rename it to
         cover_<n>.<ext>. write returns the detected extension. Returns (what
-        settle returns, bytes saved)."""
-        path = self.task_dir(task_id)
+        settle returns, bytes saved). A local failure (a full disk, a folder
+        it may not write) is a Retryable saying so."""
+        path = self._checked_dir(task_id, must_exist=True)
         part = os.path.join(path, ".cover_%d.part" % (index + 1))
         try:
-            with open(part, "wb") as handle:
+            with os.fdopen(Platform.open_here(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+                           "wb") as handle:
                 ext = write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
                 size = handle.tell()
             name = "cover_%d.%s" % (index + 1, ext)
             Platform.retry_sharing(os.replace, part, os.path.join(path, name))
+        except OSError as exc:
+            self._remove_part(part)
+            raise Retryable("cannot save cover_%d: %s" % (index + 1, os_reason(exc))) from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(part)
+            self._remove_part(part)
             raise
         # No fsync of the folder here: settle() writes task.json into the same
         # folder and fsyncs it, which makes this rename durable too.
@@ -1056,11 +1250,11 @@ class TaskStore:
     def recover(self):
         """Start-up sweep: remove what dead writers left (temp folders and
         files, lock files), migrate 1.0's index, and return the pending work
-        as [(taskId, image index, due)]."""
+        as pending_jobs() gives it."""
         names = os.listdir(self.root)
         for name in names:
             if name.startswith((NEW_PREFIX, ".probe.")):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)  # no link followed
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.root, name))
         for name in os.listdir(self.locks):
@@ -1070,28 +1264,58 @@ class TaskStore:
         names += self._migrate_legacy_index()
         for task_id in self.pending_ids(names):
             with self._locked(task_id):
-                self._sweep(task_id)
+                with contextlib.suppress(CorruptRecord):    # pending_work() notes it
+                    self._sweep(task_id)
         return self.pending_work()
 
     def pending_work(self, known=()):
-        """[(taskId, image index, due)] of the pending tasks not in known;
-        markers of tasks that ended are removed."""
+        """pending_jobs() of the pending tasks not in known; markers of tasks
+        that ended are removed, those of corrupt tasks kept."""
         work = []
         for task_id in self.pending_ids():
             if task_id in known:
                 continue
-            record = self.read(task_id)
+            try:
+                record = self.read(task_id)
+            except CorruptRecord as exc:
+                self.note_corrupt(task_id, exc)
+                continue
             if record is None or record["status"] != PENDING:
                 self._unmark(task_id)
+                self._forget_corrupt(task_id)
                 continue
             work += pending_jobs(record)
         return work
 
     # -- internals ---------------------------------------------------------------
 
+    def _checked_dir(self, task_id, must_exist=False):
+        """The task's folder if it is a real folder; None when absent (or
+        FileNotFoundError with must_exist). Raises CorruptRecord for anything
+        else there: a link is never followed out of <dir>."""
+        path = self.task_dir(task_id)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            if must_exist:
+                raise
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            raise CorruptRecord("the task folder is a link", whole_folder=True)
+        if not stat.S_ISDIR(info.st_mode):
+            raise CorruptRecord("the task folder is not a folder", whole_folder=True)
+        return path
+
+    def _read_noting(self, task_id):
+        try:
+            return self.read(task_id)
+        except CorruptRecord as exc:
+            self.note_corrupt(task_id, exc)
+            return None
+
     def _update(self, task_id, index, change):
         with self._locked(task_id):
-            record = self.read(task_id)
+            record = self._read_noting(task_id)
             if record is None or record["status"] != PENDING or index >= len(record["files"]):
                 return None
             ended = change(record)
@@ -1099,6 +1323,16 @@ class TaskStore:
             if ended:
                 self._unmark(task_id)
             return ended
+
+    def _write_marked(self, task_id, record):
+        """_write() a record that a callback or retry changed. The marker comes
+        first, so a crash mid-write leaves a task that start-up sweeps; it
+        stays only while the task is pending."""
+        self._mark(task_id)
+        self._write(task_id, record)
+        if record["status"] != PENDING:
+            self._unmark(task_id)
+        Platform.fsync_dir(self.root)
 
     def _locked(self, task_id):
         return LockFile(self._lock_path(task_id))
@@ -1112,21 +1346,26 @@ class TaskStore:
 
     def _sweep(self, task_id):
         """Remove temp files nobody is writing (caller holds the task lock)."""
-        path = self.task_dir(task_id)
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(path):
-                if entry.name.startswith(".task.json."):
-                    os.unlink(entry.path)
-                elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
-                    claim = LockFile(self._lock_path(task_id, entry.name[7:-5]))
-                    if claim.acquire(wait=False):       # else a live downloader owns it
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                        claim.release()
+        path = self._checked_dir(task_id)
+        if path is None:
+            return
+        for entry in os.scandir(path):
+            if entry.name.startswith(".task.json."):
+                os.unlink(entry.path)
+            elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
+                claim = LockFile(self._lock_path(task_id, entry.name[7:-5]))
+                if claim.acquire(wait=False):       # else a live downloader owns it
+                    self._remove_part(entry.path)
+                    claim.release()
+
+    @staticmethod
+    def _remove_part(part):
+        with contextlib.suppress(OSError):
+            os.unlink(part)
 
     def _write(self, task_id, record):
         """Atomic replace: temp file, fsync, rename, fsync of the folder."""
-        path = self.task_dir(task_id)
+        path = self._checked_dir(task_id, must_exist=True)
         record["updatedAt"] = utc_now()
         tmp = self._temp_name(path, ".task.json")
         try:
@@ -1140,8 +1379,8 @@ class TaskStore:
 
     def _mark(self, task_id):
         """The caller fsyncs <dir>, which makes the marker durable."""
-        os.close(os.open(os.path.join(self.root, PENDING_PREFIX + task_id),
-                         os.O_WRONLY | os.O_CREAT, 0o644))
+        os.close(Platform.open_here(os.path.join(self.root, PENDING_PREFIX + task_id),
+                                    os.O_WRONLY | os.O_CREAT))
 
     def _unmark(self, task_id):
         with contextlib.suppress(FileNotFoundError):
@@ -1150,7 +1389,10 @@ class TaskStore:
     def _migrate_legacy_index(self):
         """1.0 kept <dir>/.pending/<taskId>: turn it into markers."""
         legacy = os.path.join(self.root, LEGACY_PENDING_DIR)
-        if not os.path.isdir(legacy):
+        try:
+            if not stat.S_ISDIR(os.lstat(legacy).st_mode):     # a link is not followed
+                return []
+        except FileNotFoundError:
             return []
         moved = [name for name in os.listdir(legacy) if TASK_ID_RE.fullmatch(name)]
         for task_id in moved:
@@ -1173,7 +1415,7 @@ def open_store(config):
 
 def write_durably(path, data):
     """Create path holding data and fsync it (os.open: no buffering layer)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    fd = Platform.open_here(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         view = memoryview(data)
         while view:
@@ -1208,13 +1450,48 @@ def new_record(callback):
     }
 
 
-def upgrade_record(record):
-    """Records written by 1.0 lack the retry fields."""
-    count = len(record.get("images") or ())
-    for key, empty in (("tries", 0), ("lastError", None), ("nextTryAt", None)):
-        if len(record.get(key) or ()) != count:
-            record[key] = [empty] * count
-    return record
+RECORD_FIELDS = {"taskId": str, "status": str, "code": int, "msg": str, "images": list,
+                 "files": list, "receivedAt": str, "updatedAt": str}
+PER_IMAGE_FIELDS = (("errors", None, str), ("tries", 0, int), ("lastError", None, str),
+                    ("nextTryAt", None, str))
+
+
+def record_problem(record, task_id):
+    """What is wrong with a decoded task.json, or None. Upgrades a record
+    written by 1.0, which lacks the retry fields, in place."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return "has no %s %s" % (kind.__name__, key)
+    if record["taskId"] != task_id:
+        return "names another task (%s)" % escape(record["taskId"], 40)
+    if record["status"] not in (PENDING, DONE, FAILED):
+        return "has an unknown status %s" % escape(record["status"], 20)
+    if not isinstance(record.get("error"), (str, type(None))):
+        return "has an error that is not text"
+    images, count = record["images"], len(record["images"])
+    if count > MAX_IMAGES or not all(isinstance(url, str) for url in images)             or len(record["files"]) != count:
+        return "has a wrong images or files list"
+    if not all(name is None or (isinstance(name, str) and COVER_NAME.fullmatch(name))
+               for name in record["files"]):
+        return "names a file that is not a cover"
+    for key, empty, kind in PER_IMAGE_FIELDS:
+        values = record.setdefault(key, [empty] * count)
+        if not isinstance(values, list) or len(values) != count:
+            record[key] = values = [empty] * count
+        if not all(v is None and empty is None or isinstance(v, kind) and not isinstance(v, bool)
+                   for v in values):
+            return "has a wrong %s list" % key
+    return None
+
+
+def is_regular_file(path):
+    """True for a regular file at path itself (a link is not followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def reopen_record(record, callback):
@@ -1241,9 +1518,11 @@ def missing_images(record):
 
 def pending_jobs(record):
     """The record's images still to download, as DownloadQueue jobs
-    (taskId, index, due), each due at its scheduled next try."""
-    return [(record["taskId"], i, parse_utc(record["nextTryAt"][i]) or 0.0)
-            for i in missing_images(record)]
+    (taskId, index, due, tries, received): due is the unix time of its
+    scheduled next try, received the task's."""
+    received = parse_utc(record["receivedAt"]) or 0.0
+    return [(record["taskId"], i, parse_utc(record["nextTryAt"][i]) or 0.0,
+             record["tries"][i], received) for i in missing_images(record)]
 
 
 # ---------------------------------------------------------------------------
@@ -1259,6 +1538,8 @@ def is_public_address(text):
     IPv4-mapped, 6to4, Teredo and NAT64 forms."""
     ip = ipaddress.ip_address(text.split("%")[0])
     if ip.version == 6:
+        if ip not in GLOBAL_UNICAST_V6 and not ip.ipv4_mapped and ip not in NAT64_NETWORK:
+            return False
         if ip.ipv4_mapped:
             return is_public_address(str(ip.ipv4_mapped))
         inner = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
@@ -1319,13 +1600,83 @@ class DownloadPolicy:
         return Target(scheme, host, port, path, addresses)
 
 
+class Meter:
+    """curl's --speed-limit with --speed-time, for one transfer: it is cut
+    (TooSlow) when it averages under min_rate bytes/s over any window of
+    `window` seconds, or when the deadline (monotonic) passes. A host that
+    drips a byte just inside --timeout thus cannot hold a worker."""
+
+    def __init__(self, min_rate, window, deadline=None, clock=time.monotonic):
+        self.min_rate, self.window, self.deadline, self.clock = min_rate, window, deadline, clock
+        self.total = 0
+        self._marks = collections.deque([(clock(), 0)])     # (time, total) a few per window
+
+    def count(self, size):
+        now, marks = self.clock(), self._marks
+        self.total += size
+        if self.deadline is not None and now > self.deadline:
+            raise TooSlow("ran out of time (--wait)")
+        while len(marks) > 1 and marks[1][0] <= now - self.window:
+            marks.popleft()             # keep the newest mark at least a window old
+        since, then = marks[0]
+        if self.min_rate and now - since >= self.window \
+                and self.total - then < self.min_rate * (now - since):
+            raise TooSlow("slower than --min-rate %d bytes/s over %g s"
+                          % (self.min_rate, self.window))
+        if now - marks[-1][0] >= self.window / 8:
+            marks.append((now, self.total))
+
+    def timeout(self, step):
+        """The timeout for one network step: step, or less near the deadline."""
+        if self.deadline is None:
+            return step
+        return max(0.001, min(step, self.deadline - self.clock()))
+
+
+class MeteredSocket:
+    """A connected socket as http.client uses it (sendall, makefile, close),
+    with every read counted by a Meter: the status line and headers too."""
+
+    def __init__(self, sock, meter):
+        self.sock, self.meter = sock, meter
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def makefile(self, mode):
+        # The socket's own reader keeps it open until the response is read,
+        # also after http.client has closed the connection (will_close).
+        return io.BufferedReader(MeteredReader(self.sock.makefile(mode, buffering=0), self.meter))
+
+    def close(self):
+        self.sock.close()
+
+
+class MeteredReader(io.RawIOBase):
+    def __init__(self, raw, meter):
+        super().__init__()
+        self.raw, self.meter = raw, meter
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        size = self.raw.readinto(buffer)
+        self.meter.count(size or 0)
+        return size
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
 class PinnedConnection(http.client.HTTPSConnection):
     """HTTP(S) connection to an address that was already checked: no second
     DNS lookup, while Host, SNI and certificate checks use the name."""
 
-    def __init__(self, target, timeout, context, abort):
+    def __init__(self, target, timeout, context, abort, meter):
         super().__init__(target.host, target.port, timeout=timeout, context=context)
-        self._target, self._tls, self._abort = target, context, abort
+        self._target, self._tls, self._abort, self._meter = target, context, abort, meter
         self.watched = None         # the socket shutdown() may cut short
         self.default_port = 443 if target.scheme == "https" else 80     # for the Host header
 
@@ -1346,7 +1697,7 @@ class PinnedConnection(http.client.HTTPSConnection):
             self._abort.forget(sock)
             self.watched = sock = self._tls.wrap_socket(sock, server_hostname=self.host)
             self._abort.watch(sock)
-        self.sock = sock
+        self.sock = MeteredSocket(sock, self._meter)
 
 
 class AbortSignal:
@@ -1385,7 +1736,7 @@ class Fetcher:
 
     def __init__(self, config, resolver=system_resolver, tls=None):
         self.policy = DownloadPolicy(config.allow_host, resolver)
-        self.timeout = config.timeout
+        self.timeout, self.min_rate = config.timeout, config.min_rate
         self.max_bytes = config.max_image_bytes
         self.user_agent = config.user_agent
         if tls is None:
@@ -1395,11 +1746,12 @@ class Fetcher:
 
     def fetch(self, url, out, abort):
         """Write the image at url to out; return its extension."""
+        meter = Meter(self.min_rate, self.timeout)     # one floor over all hops
         for _hop in range(MAX_REDIRECTS + 1):
             target, conn = self.policy.vet(url), None
             # Whatever a remote server sends ends as Retryable or Permanent.
             try:
-                conn = PinnedConnection(target, self.timeout, self.tls, abort)
+                conn = PinnedConnection(target, self.timeout, self.tls, abort, meter)
                 # Never an Authorization header: the image host gets nothing secret.
                 conn.request("GET", target.request_path, headers={
                     "User-Agent": self.user_agent, "Accept": "image/*",
@@ -1454,7 +1806,10 @@ class Fetcher:
                     ext = sniff_image(head)
                     if ext is None:
                         raise Permanent("not an image (starts %r)" % head[:12])
-            out.write(buffer[:size])
+            try:
+                out.write(buffer[:size])
+            except OSError as exc:          # local, not the host's fault: say so
+                raise Retryable("cannot write the cover: %s" % os_reason(exc)) from None
         # readinto() returns 0 at a premature EOF instead of raising IncompleteRead.
         if declared is not None and total != declared:
             raise Retryable("connection closed after %d of %d bytes" % (total, declared))
@@ -1473,6 +1828,8 @@ def _status_error(response):
 
 
 def _network_reason(exc):
+    if isinstance(exc, TooSlow):
+        return str(exc)
     if isinstance(exc, socket.timeout):
         return "timed out"
     if isinstance(exc, http.client.IncompleteRead):
@@ -1492,6 +1849,8 @@ class Metrics:
         "downloads_total": ("counter", "Images finished, by outcome.", ("saved", "failed")),
         "download_retries_total": ("counter", "Image download tries that will be retried.", ()),
         "downloaded_bytes_total": ("counter", "Bytes of covers saved.", ()),
+        "connections_cut_total": ("counter", "Idle connections cut to make room at "
+                                  "--max-connections.", ()),
     }
 
     def __init__(self):
@@ -1529,21 +1888,40 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class DownloadQueue:
-    """Worker threads fed (taskId, image index) jobs from a heap ordered by
-    due time, so an image waiting for its next try holds no thread. A job is
-    never queued twice; after a passing failure it goes back in, due at its
-    next try (retry_later), until the --retry-for deadline or --attempts."""
+@dataclasses.dataclass
+class QueuedImage:
+    """One image in the DownloadQueue; its times are monotonic."""
+    task_id: str
+    index: int
+    due: float              # its next try
+    deadline: float         # --retry-for after the task was received
+    tries: int              # failed tries on disk when queued or last tried here; a
+                            # different count there means another process tried it
 
-    def __init__(self, config, store, fetcher, metrics, on_task_end, retry_later=True):
+    @property
+    def key(self):
+        return self.task_id, self.index
+
+
+class DownloadQueue:
+    """Worker threads fed images from a heap ordered by due time, so an image
+    waiting for its next try holds no thread. An image is never queued twice;
+    after a passing failure it goes back in, due at its next try
+    (retry_later), until the --retry-for deadline or --attempts. Waits and
+    deadlines run on the monotonic clock; a next try read from disk is never
+    further ahead than --max-backoff, whatever the wall clock did since."""
+
+    def __init__(self, config, store, fetcher, metrics, on_task_end, retry_later=True,
+                 clock=Clock):
         self.config, self.store, self.fetcher, self.metrics = config, store, fetcher, metrics
-        self.on_task_end, self.retry_later = on_task_end, retry_later
+        self.on_task_end, self.retry_later, self.clock = on_task_end, retry_later, clock
         self.backoff = Backoff(config.backoff_base, config.max_backoff)
         self.abort = AbortSignal()
         self._changed = threading.Condition()
-        self._heap = []               # (due, serial, key): the jobs waiting to run
-        self._due = {}                # key -> due for every job in the heap
-        self._running = set()
+        self._heap = []               # (due, serial, QueuedImage): the images waiting to run
+        self._queued = {}             # key -> QueuedImage for every image in the heap
+        self._running = {}
+        self._stuck = set()           # ended, but task.json could not say so: left pending
         self._serial = itertools.count()
         self._stopping = False
         self._threads = [threading.Thread(target=self._work, name="download-%d" % n, daemon=True)
@@ -1554,12 +1932,19 @@ class DownloadQueue:
             thread.start()
 
     def put(self, jobs):
-        """Queue (taskId, index, due) jobs; one already queued or running stays as it is."""
+        """Queue pending_jobs(); an image already queued or running stays as it is."""
+        wall, mono = self.clock.wall(), self.clock.mono()
         with self._changed:
-            for task_id, index, due in jobs:
+            for task_id, index, due, tries, received in jobs:
                 key = (task_id, index)
-                if key not in self._due and key not in self._running and not self._stopping:
-                    self._push(key, due)
+                if key in self._queued or key in self._running or self._stopping:
+                    continue
+                self._stuck.discard(key)
+                self._push(QueuedImage(task_id, index, self._from_wall(due, wall, mono),
+                                       mono + received + self.config.retry_for - wall, tries))
+
+    def _from_wall(self, due, wall, mono):
+        return mono + min(max(0.0, due - wall), self.config.max_backoff)
 
     @property
     def in_flight(self):
@@ -1567,21 +1952,24 @@ class DownloadQueue:
 
     def waiting(self):
         """Images waiting for a later try."""
-        now = time.time()
+        now = self.clock.mono()
         with self._changed:
-            return sum(1 for due in self._due.values() if due > now)
+            return sum(1 for item in self._queued.values() if item.due > now)
 
     def tasks(self):
+        """Tasks this queue holds or gave up recording: a rescan leaves them be."""
         with self._changed:
-            return {key[0] for key in itertools.chain(self._due, self._running)}
+            return {key[0] for key in itertools.chain(self._queued, self._running, self._stuck)}
 
     def alive(self):
         return all(thread.is_alive() for thread in self._threads)
 
     def wait_task(self, task_id, timeout=None):
-        """Block until no job of task_id is queued or running."""
+        """Block until no image of task_id is queued or running."""
         with self._changed:
-            return self._changed.wait_for(lambda: task_id not in self.tasks(), timeout)
+            return self._changed.wait_for(
+                lambda: all(key[0] != task_id for key in itertools.chain(
+                    self._queued, self._running)), timeout)
 
     def stop(self, drain_seconds):
         """Take no new jobs, give running ones drain_seconds, abort the rest;
@@ -1595,86 +1983,123 @@ class DownloadQueue:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _push(self, key, due):
-        self._due[key] = due
-        heapq.heappush(self._heap, (due, next(self._serial), key))
+    def _push(self, item):
+        self._queued[item.key] = item
+        heapq.heappush(self._heap, (item.due, next(self._serial), item))
         self._changed.notify_all()
 
     def _take(self):
-        """The next due job, waiting for it; None once stopping."""
+        """The next due image, waiting for it; None once stopping."""
         with self._changed:
             while not self._stopping:
-                now = time.time()
+                now = self.clock.mono()
                 if self._heap and self._heap[0][0] <= now:
-                    key = heapq.heappop(self._heap)[2]
-                    del self._due[key]
-                    self._running.add(key)
-                    return key
-                # Wake at least every minute: the wall clock may jump.
-                self._changed.wait(min(self._heap[0][0] - now, 60.0) if self._heap else None)
+                    item = heapq.heappop(self._heap)[2]
+                    del self._queued[item.key]
+                    self._running[item.key] = item
+                    return item
+                self._changed.wait(self._heap[0][0] - now if self._heap else None)
             return None
 
     def _work(self):
         while True:
-            key = self._take()
-            if key is None:
+            item = self._take()
+            if item is None:
                 return
-            again = None
+            again = False
             try:
-                again = self._download(*key)
+                again = self._download(item)
             except Aborted:
-                log_event("download-aborted", key[0], image=key[1] + 1, note="left pending")
+                log_event("download-aborted", item.task_id, image=item.index + 1,
+                          note="left pending")
             except Exception:      # thread boundary: log, keep the worker, never lose the job
-                LOG.exception("download crashed task=%s image=%d", escape(key[0]), key[1] + 1)
-                again = time.time() + self.backoff.delay(5)
+                LOG.exception("download crashed task=%s image=%d", escape(item.task_id),
+                              item.index + 1)
+                item.due, again = self.clock.mono() + self.backoff.delay(5), True
             finally:
                 with self._changed:
-                    self._running.discard(key)
-                    if again is not None and self.retry_later and not self._stopping:
-                        self._push(key, again)
+                    del self._running[item.key]
+                    if again and self.retry_later and not self._stopping:
+                        self._push(item)
                     self._changed.notify_all()
 
-    def _download(self, task_id, index):
-        """One try at one image. Returns when to try again, or None."""
-        with self.store.claim(task_id, index, self.abort) as job:
+    def _download(self, item):
+        """One try at one image. True: queue it again, at item.due."""
+        try:
+            return self._try(item)
+        except OSError as exc:      # the store could not be read or written: keep the schedule
+            self._record_failed(item, exc)
+            return self._retry(item, Retryable("cannot update task.json: %s" % os_reason(exc)),
+                               record=False)
+
+    def _try(self, item):
+        with self.store.claim(item.task_id, item.index, self.abort) as job:
             if job is None:
-                return None
+                return False
             if job.saved_as:                # renamed into place just before a crash: adopt it
-                return self.end_task(task_id, self.store.settle(task_id, index, name=job.saved_as))
-            if job.due > time.time():       # scheduled later, perhaps by another process
-                return job.due
+                self.end_task(item.task_id, self.store.settle(
+                    item.task_id, item.index, name=job.saved_as))
+                return False
+            if job.tries != item.tries:     # another process tried it since: keep its schedule
+                item.tries = job.tries
+                item.due = self._from_wall(job.due, self.clock.wall(), self.clock.mono())
+                return True
             started = time.monotonic()
             try:
                 ended, size = self.store.save_cover(
-                    task_id, index, lambda out: self.fetcher.fetch(job.url, out, self.abort))
+                    item.task_id, item.index,
+                    lambda out: self.fetcher.fetch(job.url, out, self.abort))
             except Retryable as exc:
-                return self._retry(task_id, index, job, exc)
+                return self._retry(item, exc)
             except Permanent as exc:
-                return self._fail(task_id, index, str(exc))
+                return self._fail(item, str(exc))
             self.metrics.inc("downloads_total", "saved")
             self.metrics.inc("downloaded_bytes_total", amount=size)
-            log_event("downloaded", task_id, image=index + 1, bytes=size,
+            log_event("downloaded", item.task_id, image=item.index + 1, bytes=size,
                       ms=int((time.monotonic() - started) * 1000))
-            return self.end_task(task_id, ended)
+            self.end_task(item.task_id, ended)
+            return False
 
-    def _retry(self, task_id, index, job, exc):
-        tries = job.tries + 1
-        due = time.time() + self.backoff.delay(tries, exc.retry_after)
+    def _retry(self, item, exc, record=True):
+        tries = item.tries + 1
+        delay = self.backoff.delay(tries, exc.retry_after)
         if self.config.attempts and tries >= self.config.attempts:
-            return self._fail(task_id, index, "%s (after %d tries)" % (exc, tries), tries)
-        if due > job.received + self.config.retry_for:
-            return self._fail(task_id, index, "%s (after %d tries; --retry-for ran out)"
-                              % (exc, tries), tries)
-        self.store.postpone(task_id, index, str(exc), tries, due)
+            return self._fail(item, "%s (after %d tries)" % (exc, tries), tries)
+        if self.clock.mono() + delay > item.deadline:
+            return self._fail(item, "%s (after %d tries; --retry-for ran out)" % (exc, tries),
+                              tries)
+        item.tries, item.due = tries, self.clock.mono() + delay
+        next_try = self.clock.wall() + delay
+        if record:
+            try:
+                self.store.postpone(item.task_id, item.index, str(exc), tries, next_try)
+            except OSError as failure:
+                self._record_failed(item, failure)
         self.metrics.inc("download_retries_total")
-        log_event("retry", task_id, image=index + 1, tries=tries, reason=exc, next=utc_now(due))
-        return due
+        log_event("retry", item.task_id, image=item.index + 1, tries=tries, reason=exc,
+                  next=utc_now(next_try))
+        return True
 
-    def _fail(self, task_id, index, reason, tries=None):
+    def _fail(self, item, reason, tries=None):
         self.metrics.inc("downloads_total", "failed")
-        log_event("download-failed", task_id, logging.WARNING, image=index + 1, reason=reason)
-        return self.end_task(task_id, self.store.settle(
-            task_id, index, error="cover_%d: %s" % (index + 1, reason), tries=tries))
+        log_event("download-failed", item.task_id, logging.WARNING, image=item.index + 1,
+                  reason=reason)
+        try:
+            ended = self.store.settle(item.task_id, item.index,
+                                      error="cover_%d: %s" % (item.index + 1, reason), tries=tries)
+        except OSError as exc:
+            self._record_failed(item, exc, "the image stays pending on disk until a restart "
+                                           "or a new delivery")
+            with self._changed:
+                self._stuck.add(item.key)
+            return False
+        self.end_task(item.task_id, ended)
+        return False
+
+    @staticmethod
+    def _record_failed(item, exc, note="the schedule goes on in memory"):
+        log_event("record-failed", item.task_id, logging.ERROR, image=item.index + 1,
+                  reason=os_reason(exc), note=note)
 
     def end_task(self, task_id, status):
         """Log a task's end and hand it to on_task_end (the hook)."""
@@ -1682,17 +2107,21 @@ class DownloadQueue:
             log_event("task-" + status, task_id,
                       level=logging.INFO if status == DONE else logging.WARNING)
             self.on_task_end(task_id, status)
-        return None
 
 
 class HookRunner:
-    """Runs --on-complete, one process at a time, never through a shell."""
+    """Runs --on-complete, one process at a time, never through a shell. Its
+    output goes to the log as hook-output lines (HookOutput), never raw."""
 
     def __init__(self, argv, store, timeout):
         self.argv, self.store, self.timeout = argv, store, timeout
         self._jobs = queue.Queue()
         self._current = None
         self._thread = threading.Thread(target=self._work, name="hook", daemon=True)
+        # Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which
+        # its descendants inherit even when they leave its process group.
+        self._marker = "%s=%d.%s." % (HOOK_RUN_ENV, os.getpid(), os.urandom(4).hex())
+        self._runs = itertools.count(1)
 
     def start(self):
         if self.argv:
@@ -1710,6 +2139,7 @@ class HookRunner:
         process = self._current
         if process is not None and process.poll() is None:
             Platform.kill_group(process)
+        Platform.kill_marked(self._marker)      # daemons that hooks left behind
         self._thread.join(5)
 
     def _work(self):
@@ -1724,25 +2154,64 @@ class HookRunner:
 
     def _run(self, task_id, status):
         env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
+        run = "%s%d" % (self._marker, next(self._runs))
         env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=status)
+        env[HOOK_RUN_ENV] = run.split("=", 1)[1]
         started = time.monotonic()
         try:
             self._current = subprocess.Popen(
                 list(self.argv) + [self.store.task_dir(task_id)], env=env,
-                stdin=subprocess.DEVNULL, stdout=2, **Platform.new_process_group())
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                **Platform.new_process_group())
         except OSError as exc:
-            return log_event("hook-failed", task_id, logging.WARNING, reason=exc)
+            log_event("hook-failed", task_id, logging.WARNING, reason=exc)
+            return
+        output = HookOutput(self._current.stdout)
         try:
             code = self._current.wait(self.timeout)
         except subprocess.TimeoutExpired:
             Platform.kill_group(self._current)
+            Platform.kill_marked(run + "\0")
             self._current.wait()
-            return log_event("hook-timeout", task_id, logging.WARNING,
-                             seconds=self.timeout, note="killed")
+            code = None
         finally:
             self._current = None
-        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
-                  status=code, ms=int((time.monotonic() - started) * 1000))
+        output.log(task_id)
+        if code is None:
+            log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
+                      note="killed")
+        else:
+            log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
+                      status=code, ms=int((time.monotonic() - started) * 1000))
+
+
+class HookOutput:
+    """A hook's stdout and stderr (one pipe), read to its end by a thread of
+    its own so the hook never blocks on a full pipe. The first
+    HOOK_OUTPUT_BYTES are kept for the log, the rest only counted."""
+
+    def __init__(self, pipe):
+        self.pipe, self.kept, self.total = pipe, bytearray(), 0
+        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        with self.pipe, contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: self.pipe.read1(65536), b""):
+                self.total += len(chunk)
+                self.kept += chunk[:max(0, HOOK_OUTPUT_BYTES - len(self.kept))]
+
+    def log(self, task_id, grace=1.0):
+        """Log what came, escaped, a line each (at most HOOK_OUTPUT_LINES).
+        The pipe may stay open after the hook ended, held by a process it
+        started: then only what came within grace is logged."""
+        self._thread.join(grace)
+        lines = bytes(self.kept).splitlines()[:HOOK_OUTPUT_LINES]
+        for line in lines:
+            log_event("hook-output", task_id, line=line.decode("utf-8", "replace"))
+        hidden = self.total - sum(len(line) + 1 for line in lines)
+        if hidden > 0:
+            log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
 
 
 class SystemdNotifier:
@@ -1793,7 +2262,8 @@ class SystemdNotifier:
 # ---------------------------------------------------------------------------
 
 class CallbackHandler(http.server.BaseHTTPRequestHandler):
-    """Parse, bound and verify one request; errors become answers in reply_error."""
+    """Parse, bound and verify one request; every ReceiverError becomes its
+    answer in dispatch(), the one place that maps errors to statuses."""
 
     server_version = "cover_receiver/" + __version__
     sys_version = ""
@@ -1801,10 +2271,22 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
     wbufsize = -1                       # buffered: status, headers and body in one send
     default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
 
+    def parse_request(self):
+        """The stdlib's parser, but HTTP/0.x is refused: http.server would
+        answer it with a body and no status line."""
+        if not super().parse_request():
+            return False
+        if self.request_version.startswith("HTTP/0."):
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "HTTP/1.0 or later is required")
+            return False
+        return True
+
     def dispatch(self):
-        receiver = self.server.receiver
-        target = urllib.parse.urlsplit(self.path)
+        """Answer one request: the callback, /healthz or /metrics."""
+        receiver, target = self.server.receiver, None
         try:
+            target = request_target(self.path)
             check_headers(self.headers)
             if target.path == receiver.config.path:
                 if self.command != "POST":
@@ -1818,7 +2300,7 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
                                   content_type="text/plain; version=0.0.4")
             raise NotFound("no such path")
         except ReceiverError as exc:
-            if target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
+            if target and target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
                 receiver.metrics.inc("callbacks_total", exc.reason)
                 receiver.rejections.note(exc.status, self.client_address[0], exc,
                                          logging.ERROR if exc.status == 503 else logging.WARNING)
@@ -1842,8 +2324,10 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
         length = values.pop()
         if length > config.max_body_bytes:
             raise TooLarge("body is larger than %d bytes" % config.max_body_bytes)
-        media = (self.headers.get("Content-Type") or "application/json").split(";")[0]
-        if media.strip().lower() != "application/json":
+        types = self.headers.get_all("Content-Type") or ["application/json"]
+        if len(types) > 1:                                         # RFC 9110 8.3: one value
+            raise BadCallback("more than one Content-Type")
+        if types[0].split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
         body = self.rfile.read(length)
         if len(body) != length:
@@ -1874,7 +2358,10 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-"):
         # The query may carry the token: log the path only.
-        path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
+        try:
+            path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
+        except ValueError:
+            path = "-"
         if path == self.server.receiver.config.path and self.command == "POST":
             return                      # its received/duplicate/rejected line says it
         log_event("http", client=self.client_address[0], method=self.command or "-",
@@ -1882,6 +2369,14 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log_event("http-error", client=self.client_address[0], detail=format % args)
+
+
+def request_target(text):
+    """The request target split (origin or absolute form, RFC 9112 3.2)."""
+    try:
+        return urllib.parse.urlsplit(text)
+    except ValueError:
+        raise BadCallback("malformed request target") from None
 
 
 def check_headers(headers):
@@ -1968,11 +2463,134 @@ class ConnectionPool:
                 self._idle += 1
 
 
+def canned_answer(status_line, error, extra=b""):
+    """A whole HTTP/1.0 answer, sent without a handler thread."""
+    body = json.dumps({"status": "error", "error": error}).encode()
+    return (b"HTTP/1.0 %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
+            % (status_line, extra, len(body))) + body
+
+
+TOO_MANY = canned_answer(b"503 Service Unavailable", "too many connections", b"Retry-After: 1\r\n")
+PLAIN_ON_TLS = canned_answer(b"400 Bad Request", "this port speaks HTTPS: use an https:// URL")
+
+
+class ConnectionSlots:
+    """--max-connections, held by accepted connections. At the cap a new
+    connection takes the place of one that has sent nothing yet (idle
+    connections must not deny service), preferring the client address that
+    holds the most slots (as nginx's limit_conn would), then the oldest.
+    Only when every holder has begun its request is the newcomer refused."""
+
+    def __init__(self, size):
+        self.size = size
+        self._lock = threading.Lock()
+        self._held = {}                 # socket -> [client address, has sent a byte]
+
+    def free(self):
+        with self._lock:
+            return self.size - len(self._held)
+
+    def active(self):
+        """Connections that have begun their request."""
+        with self._lock:
+            return sum(1 for _, started in self._held.values() if started)
+
+    def admit(self, sock, client):
+        """(admitted, an idle connection that must yield to it, or None)."""
+        with self._lock:
+            idle = None
+            if len(self._held) >= self.size:
+                load = collections.Counter(holder for holder, _ in self._held.values())
+                waiting = [s for s, (_, active) in self._held.items() if not active]
+                idle = max(waiting, key=lambda s: load[self._held[s][0]], default=None)
+                if idle is None:
+                    return False, None
+                del self._held[idle]
+            self._held[sock] = [client, False]
+            return True, idle
+
+    def activate(self, sock):
+        """The connection sent its first byte; False when it was cut meanwhile."""
+        with self._lock:
+            entry = self._held.get(sock)
+            if entry is not None:
+                entry[1] = True
+            return entry is not None
+
+    def release(self, sock):
+        with self._lock:
+            self._held.pop(sock, None)
+
+
+class Refusals:
+    """Connections turned away, answered without a thread: the answer goes
+    out at once (over TLS after a non-blocking handshake), then a brief drain
+    so that closing does not reset the connection over the answer (a
+    lingering close). At most MAX_LINGERING at a time, each for 2 s."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._socks = {}                # socket -> [deadline, answer still to send or None]
+
+    def add(self, sock, answer, tls=None):
+        entry = [time.monotonic() + 2.0, answer]
+        try:
+            sock.setblocking(False)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            with self._lock:
+                if len(self._socks) >= MAX_LINGERING:
+                    raise OSError("too many lingering connections")
+                self._socks[sock] = entry
+        except OSError:
+            sock.close()
+            return
+        self._advance(sock, entry, False)
+
+    def poll(self, now):
+        with self._lock:
+            socks = list(self._socks.items())
+        if not socks:
+            return
+        try:
+            readable = set(select.select([s for s, _ in socks], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = {s for s, _ in socks}
+        for sock, entry in socks:
+            if entry[0] < now or self._advance(sock, entry, sock in readable):
+                with self._lock:
+                    self._socks.pop(sock, None)
+                sock.close()
+
+    def close(self):
+        with self._lock:
+            socks, self._socks = list(self._socks), {}
+        for sock in socks:
+            sock.close()
+
+    @staticmethod
+    def _advance(sock, entry, readable):
+        """One step for one connection; True when it may be closed."""
+        try:
+            if entry[1] is not None:
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.do_handshake()         # raises SSLWantRead/WriteError until done
+                sock.send(entry[1])
+                entry[1] = None
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+                return False
+            return readable and not socket.socket.recv(sock, 65536)   # drain, raw even for TLS
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        except OSError:
+            return True
+
+
 class CallbackServer(http.server.HTTPServer):
     """HTTP(S) server: connections served by a pool of at most
-    --max-connections threads (over the cap: 503), and a whole-request
-    deadline enforced by one reaper thread, so a client dripping bytes
-    (slowloris) cannot hold a thread."""
+    --max-connections threads (ConnectionSlots decides who gets one, Refusals
+    answers the rest), and a whole-request deadline enforced by one reaper
+    thread, so a client dripping bytes (slowloris) cannot hold a thread."""
 
     allow_reuse_address = True
     request_queue_size = 128
@@ -1980,11 +2598,11 @@ class CallbackServer(http.server.HTTPServer):
     def __init__(self, config, receiver, listen_socket=None):
         self.receiver = receiver
         self.request_timeout = config.request_timeout
-        self.slots = threading.BoundedSemaphore(config.max_connections)
+        self.slots = ConnectionSlots(config.max_connections)
+        self.refusals = Refusals()
         self.pool = ConnectionPool(config.max_connections, self._serve_connection)
         self.deadlines = {}                       # socket -> monotonic deadline
         self.deadlines_lock = threading.Lock()
-        self.lingering = {}                       # refused socket -> monotonic deadline
         self.stopped = threading.Event()
         self.helpers = []              # server_close() runs even when binding fails
         self.tls = None
@@ -1994,7 +2612,7 @@ class CallbackServer(http.server.HTTPServer):
             self.tls.load_cert_chain(config.tls_cert, config.tls_key)
         if listen_socket is not None:
             self.address_family = listen_socket.family
-            super().__init__(listen_socket.getsockname()[:2], CallbackHandler,
+            super().__init__(listen_socket.getsockname(), CallbackHandler,
                              bind_and_activate=False)
             self.socket.close()
             self.socket, self.server_address = listen_socket, listen_socket.getsockname()
@@ -2013,33 +2631,62 @@ class CallbackServer(http.server.HTTPServer):
         # start-up on a host without DNS.
         socketserver.TCPServer.server_bind(self)
 
+    def get_request(self):
+        sock, address = self.socket.accept()
+        # A Unix socket (socket activation on a path) gives no client address.
+        return sock, address if isinstance(address, tuple) else ("local", 0)
+
     def process_request(self, request, client_address):
-        if self.slots.acquire(blocking=False):
+        admitted, idle = self.slots.admit(request, client_address[0])
+        if idle is not None:
+            self._cut(idle)
+        if admitted:
             return self.pool.submit(request, client_address)
         self.receiver.metrics.inc("callbacks_total", "unavailable")
         self.receiver.rejections.note(503, client_address[0], "max-connections")
-        self._refuse(request)
+        self.refusals.add(request, TOO_MANY, self.tls)
+
+    def _cut(self, sock):
+        """An idle connection yields its slot: a 503 where one can be said
+        without a handshake (plain HTTP), then a shutdown that wakes the
+        thread waiting for its first byte, which closes it."""
+        self.receiver.metrics.inc("connections_cut_total")
+        if self.tls is None:
+            with contextlib.suppress(OSError):
+                sock.send(TOO_MANY)
+        Platform.interrupt(sock)
 
     def _serve_connection(self, request, client_address):
+        handed_off = False
         try:
-            self.finish_request(request, client_address)
+            handed_off = self.finish_request(request, client_address)
         except Exception:               # thread boundary: socketserver logs it
             self.handle_error(request, client_address)
         finally:
-            self.shutdown_request(request)
-            self.slots.release()
+            if not handed_off:
+                self.shutdown_request(request)
+            self.slots.release(request)
 
     def finish_request(self, request, client_address):
+        """Wait for the first byte (an idle connection may be cut meanwhile),
+        then serve the request. True when the connection went to Refusals."""
         conn = request
+        with self.deadlines_lock:
+            self.deadlines[request] = time.monotonic() + self.request_timeout
         try:
             if Platform.SOCKET_TIMEOUTS:
                 request.settimeout(self.request_timeout)
+            first = request.recv(1, socket.MSG_PEEK)
+            if not first or not self.slots.activate(request):
+                return False            # gone, cut, or past its deadline before a byte
             if self.tls is not None:
+                if first != b"\x16":    # not a TLS handshake record (RFC 8446 5.1)
+                    self.refusals.add(request, PLAIN_ON_TLS)
+                    return True
                 conn = self.tls.wrap_socket(request, server_side=True,
                                             do_handshake_on_connect=False)
-            with self.deadlines_lock:
-                self.deadlines[conn] = time.monotonic() + self.request_timeout
-            if self.tls is not None:
+                with self.deadlines_lock:    # the raw socket is detached now: watch conn
+                    self.deadlines[conn] = self.deadlines.pop(request)
                 conn.do_handshake()
             self.RequestHandlerClass(conn, client_address, self)
         except OSError as exc:          # TLS handshake failure, client gone or cut off
@@ -2047,12 +2694,14 @@ class CallbackServer(http.server.HTTPServer):
         finally:
             with self.deadlines_lock:   # before close: the fd must not be reused while listed
                 self.deadlines.pop(conn, None)
+                self.deadlines.pop(request, None)
             if conn is not request:
                 conn.close()
+        return False
 
     def _housekeep(self):
-        """Every 0.1 s: cut off requests past their deadline, and close refused
-        connections whose client has read its 503 (EOF) or had 2 s to."""
+        """Every 0.1 s: cut off requests past their deadline, and move the
+        refused connections on."""
         while not self.stopped.wait(0.1):
             now = time.monotonic()
             with self.deadlines_lock:
@@ -2060,45 +2709,8 @@ class CallbackServer(http.server.HTTPServer):
                     if deadline < now:
                         with contextlib.suppress(OSError):   # the plain socket call, also for TLS
                             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            self._linger(now)
+            self.refusals.poll(now)
             self.receiver.rejections.flush()
-
-    REFUSAL = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-               b"Retry-After: 1\r\nContent-Length: 52\r\n\r\n"
-               b'{"status": "error", "error": "too many connections"}')
-
-    def _refuse(self, request):
-        """Over the cap: answer 503 at once, without reading the request (a
-        slow client cannot delay it), then drain briefly so that closing does
-        not reset the connection over the answer (a lingering close)."""
-        with contextlib.suppress(OSError):
-            request.setblocking(False)
-            if self.tls is None:          # a TLS client would need a handshake first: just close
-                request.send(self.REFUSAL)
-            request.shutdown(socket.SHUT_WR)
-            if len(self.lingering) < MAX_LINGERING:
-                self.lingering[request] = time.monotonic() + 2.0
-                return
-        request.close()
-
-    def _linger(self, now):
-        socks = list(self.lingering)
-        if not socks:
-            return
-        try:
-            readable = set(select.select(socks, [], [], 0)[0])
-        except (OSError, ValueError):
-            readable = set(socks)
-        for sock in socks:
-            done = self.lingering[sock] < now
-            if sock in readable:
-                try:
-                    done = done or not sock.recv(65536)
-                except OSError:
-                    done = True
-            if done:
-                self.lingering.pop(sock, None)
-                sock.close()
 
     def service_actions(self):
         self.receiver.tick()
@@ -2109,21 +2721,22 @@ class CallbackServer(http.server.HTTPServer):
         self.stopped.set()
         for thread in self.helpers:
             thread.join(5)
-        for sock in list(self.lingering):
-            sock.close()
+        self.refusals.close()
 
 
 class Receiver:
     """The running service: owns the store, queue, hook runner, server and
     notifier, and starts and stops them in order."""
 
-    def __init__(self, config, resolver=system_resolver, env=None, clock=time.time,
+    def __init__(self, config, resolver=system_resolver, env=None, clock=Clock,
                  client_tls=None):
         env = os.environ if env is None else env
         self.config, self.clock = config, clock
         self.metrics = Metrics()
         self.rejections = RejectionLog()
         self.heartbeat = self.next_rescan = time.monotonic()
+        self._probe_lock = threading.Lock()
+        self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
         try:                            # listen first: a refused start creates nothing
             self.server = CallbackServer(config, self, inherited_socket(env))
         except ssl.SSLError as exc:
@@ -2138,17 +2751,23 @@ class Receiver:
             raise
         self.hooks = HookRunner(config.on_complete, self.store, config.hook_timeout)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
-                                   self.metrics, self._task_ended)
+                                   self.metrics, self._task_ended, clock=clock)
         self.notifier = SystemdNotifier(env)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
             "poll_interval": 0.2}, name="http", daemon=True)
 
     @property
+    def listen_address(self):
+        """(host, port); (socket path, None) for a Unix socket."""
+        address = self.server.server_address
+        return (address, None) if isinstance(address, str) else address[:2]
+
+    @property
     def url(self):
         """The callback URL on this machine (for tests and the start-up log)."""
-        host, port = self.server.server_address[:2]
+        host, port = self.listen_address
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        return "%s://%s:%d%s" % ("https" if self.server.tls else "http",
+        return "%s://%s:%s%s" % ("https" if self.server.tls else "http",
                                  "[%s]" % host if ":" in host else host, port, self.config.path)
 
     def start(self):
@@ -2164,14 +2783,14 @@ class Receiver:
         self.notifier.start(self.healthy, self.status_line)
 
     def _log_listening(self, resumed):
-        config, (host, port) = self.config, self.server.server_address[:2]
+        config, (host, port) = self.config, self.listen_address
         policy = ("only " + ",".join(config.allow_host) if config.allow_host
                   else "public-https")
         log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
                   downloads=policy, tls="on" if self.server.tls else "off", resumed=resumed,
                   signature="on" if config.hmac_key else "off",
                   token="on" if config.token else "off")
-        if not (config.token or config.hmac_key) and not is_loopback(host):
+        if not (config.token or config.hmac_key) and port is not None and not is_loopback(host):
             log_event("unprotected", level=logging.WARNING,
                       note="anyone who finds the URL can post callbacks; set "
                            "COVER_RECEIVER_TOKEN and add ?token=<it> to your callBackUrl")
@@ -2193,11 +2812,13 @@ class Receiver:
         a look for work that fetch or retry left pending on disk."""
         self.heartbeat = now = time.monotonic()
         if now >= self.next_rescan:
-            self.next_rescan = now + RESCAN_SECONDS
+            self.next_rescan = now + self.config.rescan_seconds
             try:
                 self.queue.put(self.store.pending_work(known=self.queue.tasks()))
             except OSError as exc:
-                log_event("rescan-failed", level=logging.ERROR, reason=exc)
+                log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
+            except Exception:       # the HTTP thread's boundary: it must go on serving
+                LOG.exception("rescan crashed")
 
     def healthy(self, within):
         return time.monotonic() - self.heartbeat < within and self.queue.alive()
@@ -2221,7 +2842,7 @@ class Receiver:
         if config.hmac_key:
             verify_signature(config.hmac_key, callback_task_id(obj),
                              headers.get("X-Webhook-Timestamp"),
-                             headers.get("X-Webhook-Signature"), self.clock())
+                             headers.get("X-Webhook-Signature"), self.clock.wall())
         callback = Callback.from_json(obj)
         outcome, record = self.store.accept(callback)
         self.queue.put(pending_jobs(record))
@@ -2233,18 +2854,34 @@ class Receiver:
         return {"status": outcome, "taskId": callback.task_id}
 
     def health(self):
-        try:
-            self.store.probe()
-        except OSError as exc:
-            return 503, {"status": "error", "error": "dir not writable: %s" % exc.strerror}
+        error = self._probe_dir()
+        if error:
+            return 503, {"status": "error", "error": "dir not writable: %s" % error}
         last = self.metrics.last_saved
         return 200, {"status": "ok", "version": __version__,
                      "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
-                     "retrying": self.queue.waiting(),
+                     "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
                      "lastDownloadAt": utc_now(last) if last else None}
+
+    def _probe_dir(self):
+        """Why <dir> cannot take a durable write, or None. A probe is an fsync:
+        a success serves every /healthz for a second, so a flood of them cannot
+        slow the callbacks' own fsyncs; a failure is probed again each time,
+        so a freed disk reports ok at once."""
+        with self._probe_lock:
+            if time.monotonic() - self._probed_ok < PROBE_CACHE_SECONDS:
+                return None
+            try:
+                self.store.probe()
+            except OSError as exc:
+                return os_reason(exc)
+            self._probed_ok = time.monotonic()
+            return None
 
     def metrics_text(self):
         return self.metrics.render({
+            "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
+                              self.store.corrupt_count()),
             "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
             "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
             "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
@@ -2304,11 +2941,17 @@ class RecordInfoClient:
         self.https = parts.scheme == "https"
         self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path.rstrip("/")
         self.key, self.timeout, self.user_agent = config.api_key, config.timeout, config.user_agent
+        self.min_rate = config.min_rate
 
-    def get(self, task_id):
+    def get(self, task_id, deadline=None):
+        """The answer's data object for task_id, or ApiError. The whole
+        exchange ends by deadline (monotonic) and keeps to --min-rate."""
+        meter = Meter(self.min_rate, self.timeout, deadline)
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = kind(self.host, self.port, timeout=self.timeout)
+        conn = kind(self.host, self.port, timeout=meter.timeout(self.timeout))
         try:
+            conn.connect()
+            conn.sock = MeteredSocket(conn.sock, meter)
             conn.request("GET", "%s/api/v1/suno/cover/record-info?taskId=%s"
                          % (self.prefix, task_id), headers={
                              "Authorization": "Bearer " + self.key,
@@ -2322,7 +2965,7 @@ class RecordInfoClient:
         retry_after = parse_retry_after(response.getheader("Retry-After"))
         try:
             answer = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             answer = None
         if not isinstance(answer, dict):
             if response.status == 200:      # e.g. a proxy's error page: try again
@@ -2363,12 +3006,28 @@ def record_state(data):
     """success, failed or running; None for an answer we cannot read."""
     for field in ("successFlag", "status"):
         value = data.get(field)
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= 40:
             value = int(value) if value.isascii() and value.isdigit() else value.upper()
         if isinstance(value, (int, str)) and not isinstance(value, bool) \
                 and value in RECORD_STATES:
             return RECORD_STATES[value]
     return None
+
+
+def record_callback(task_id, data, success):
+    """The Callback that a final record-info answer stands for; BadCallback
+    when its shape is unusable."""
+    if success:
+        response = data.get("response")
+        images = response.get("images") if isinstance(response, dict) else None
+        return Callback.from_json({"code": 200, "msg": "success",
+                                   "data": {"taskId": task_id, "images": images}})
+    code, message = data.get("errorCode"), data.get("errorMessage")
+    usable = isinstance(code, int) and not isinstance(code, bool) and 200 < code < 1000
+    return Callback.from_json({
+        "code": code if usable else 501,
+        "msg": message[:1000] if isinstance(message, str) and message
+        else "cover generation failed", "data": {"taskId": task_id, "images": None}})
 
 
 class Poller:
@@ -2385,7 +3044,7 @@ class Poller:
         tries = 0
         while True:
             try:
-                data = self.client.get(task_id)
+                data = self.client.get(task_id, deadline)
             except ApiError as exc:
                 tries += 1
                 if not exc.retryable:
@@ -2412,18 +3071,12 @@ class Poller:
                 return "pending", "stopped"
 
     def _finish(self, task_id, data, success, wait):
-        if success:
-            images = (data.get("response") or {}).get("images")
-            body = {"code": 200, "msg": "success", "data": {"taskId": task_id, "images": images}}
-        else:
-            code = data.get("errorCode")
-            body = {"code": code if isinstance(code, int) and code != 200 else 501,
-                    "msg": str(data.get("errorMessage") or "cover generation failed"),
-                    "data": {"taskId": task_id, "images": None}}
         try:
-            outcome, record = self.store.accept(Callback.from_json(body))
+            outcome, record = self.store.accept(record_callback(task_id, data, success))
         except BadCallback as exc:
             return "error", "API answer unusable: %s" % exc
+        except Unavailable as exc:
+            return "error", str(exc)
         log_event(outcome, task_id, source="record-info")
         self.downloads.put(pending_jobs(record))
         self.downloads.wait_task(task_id, wait)
@@ -2431,8 +3084,11 @@ class Poller:
 
 
 def task_result(store, task_id):
-    """(word, detail) for a task's record: done, failed or pending."""
-    record = store.read(task_id)
+    """(word, detail) for a task's record: done, failed, pending or corrupt."""
+    try:
+        record = store.read(task_id)
+    except CorruptRecord as exc:
+        return CORRUPT, str(exc)
     if record is None:
         return "error", "no task %s in %s" % (task_id, store.root)
     if record["status"] == DONE:
@@ -2444,7 +3100,7 @@ def task_result(store, task_id):
 
 def task_reason(record):
     """Why a task failed, or the last error and next try of a retrying one."""
-    if record.get("status") == FAILED:
+    if record.get("status") in (FAILED, CORRUPT):
         return record.get("error") or ""
     retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
                       for i in missing_images(record) if record["lastError"][i])
@@ -2484,7 +3140,7 @@ def run_fetch(config, env):
         return 130
     downloads.stop(0)
     words = {word for word, _ in results.values()}
-    return 1 if words & {"failed", "error"} else 3 if "pending" in words else 0
+    return 1 if words & {"failed", "error", CORRUPT} else 3 if "pending" in words else 0
 
 
 def run_retry(config, env):
@@ -2500,17 +3156,25 @@ def run_retry(config, env):
     downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None,
                               retry_later=False)
     downloads.start()
+    untouched = {}                  # taskId -> why retry leaves it as it is
     try:
         for task_id in task_ids:
-            record = store.reopen_failed(task_id)
-            downloads.put(pending_jobs(record) if record else [])
+            try:
+                reopened, record = store.reopen_failed(task_id)
+            except CorruptRecord as exc:
+                untouched[task_id] = (CORRUPT, str(exc))
+                continue
+            if record is not None and record["status"] == PENDING and not reopened:
+                untouched[task_id] = (PENDING, "not failed, so left to its schedule: %s" % (
+                    task_reason(record) or "its next try is due now"))
+            downloads.put(pending_jobs(record) if reopened else [])
         for task_id in task_ids:
             downloads.wait_task(task_id)
     finally:
         downloads.stop(0)
     words = []
     for task_id in task_ids:
-        word, detail = task_result(store, task_id)
+        word, detail = untouched.get(task_id) or task_result(store, task_id)
         words.append(word)
         print("%s %s: %s" % (task_id, word, detail), flush=True)
     return 0 if set(words) == {"done"} else 1
@@ -2521,7 +3185,11 @@ def run_status(config, env):
     if not os.path.isdir(store.root):
         raise UsageError("--dir %s does not exist" % config.dir)
     if config.task_ids:
-        record = store.read(config.task_ids[0])
+        try:
+            record = store.read(config.task_ids[0])
+        except CorruptRecord as exc:
+            print("task %s is corrupt: %s" % (config.task_ids[0], exc), file=sys.stderr)
+            return 1
         if record is None:
             print("no task %s in %s" % (config.task_ids[0], config.dir), file=sys.stderr)
             return 1

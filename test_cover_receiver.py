@@ -301,7 +301,12 @@ class FakeAPI:
                 count = api.calls.get(task_id, 0)
                 api.calls[task_id] = count + 1
                 answers = api.scripts.get(task_id) or [(404, {"code": 404, "msg": "no"}, {})]
-                code, body, headers, *stall_seconds = answers[min(count, len(answers) - 1)]
+                answer = answers[min(count, len(answers) - 1)]
+                if callable(answer):                   # a hostile API scripts its own bytes
+                    with contextlib.suppress(OSError):
+                        answer(self)
+                    return
+                code, body, headers, *stall_seconds = answer
                 if stall_seconds:
                     time.sleep(stall_seconds[0])       # the client is meant to time out
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -453,7 +458,7 @@ def start(tmp_path):
     """start(*argv, resolver=..., **config overrides) -> a running Receiver."""
     running = []
 
-    def start(*argv, resolver=None, client_tls=None, env=None, clock=time.time, **overrides):
+    def start(*argv, resolver=None, client_tls=None, env=None, clock=cr.Clock, **overrides):
         argv = ["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "covers")] + list(argv)
         config = cr.build_config(argv, env or {})
         config = dataclasses.replace(config, **dict({"backoff_base": 0.01}, **overrides))
@@ -471,6 +476,23 @@ def start(tmp_path):
 
 def allow_loopback():
     return ("--allow-host", "127.0.0.1")
+
+
+class SteppedClock(cr.Clock):
+    """The clock seam with a wall clock that a test steps (NTP, a resumed VM);
+    the monotonic clock goes on as it is."""
+
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def wall(self):
+        return time.time() + self.offset
+
+
+def wall_clock_at(when):
+    clock = SteppedClock()
+    clock.wall = lambda: when
+    return clock
 
 
 # ---------------------------------------------------------------------------
@@ -878,6 +900,7 @@ def test_redirects_are_followed_up_to_five(start, cdn):
     "127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
     "100.64.0.1", "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255",
     "192.0.2.1", "198.18.0.1", "::", "::1", "fe80::1", "fe80::1%eth0", "fc00::1", "fd12::1",
+    "4000::1", "fe00::1", "::1:0:0:1", "8000::1", "1000::1",     # outside 2000::/3
     "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::ffff:10.0.0.1",
     "2002:7f00:1::1", "64:ff9b::a9fe:a9fe", "2001:db8::1",
     "::ffff:0:127.0.0.1", "::ffff:0:8.8.8.8", "3fff::1", "3fff:fff::1", "5f00::1"])
@@ -1140,14 +1163,14 @@ BAD_SIGNATURES = [
 
 @pytest.mark.parametrize("why, headers", BAD_SIGNATURES, ids=[b[0] for b in BAD_SIGNATURES])
 def test_bad_signature_is_401_with_no_side_effect(start, cdn, why, headers):
-    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=lambda: NOW)
+    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=wall_clock_at(NOW))
     code, answer, _ = post(receiver.url, payload("t1", [cdn.route("/a.png", ok(PNG))]), headers)
     assert code == 401 and answer["status"] == "error" and answer["error"]
     assert visible_entries(receiver.dir) == [] and cdn.hits == {}
 
 
 def test_signature_window_is_300_seconds_either_way(start, cdn):
-    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=lambda: NOW)
+    receiver = start(*allow_loopback(), env={"COVER_RECEIVER_HMAC_KEY": "k3y"}, clock=wall_clock_at(NOW))
     for n, skew in enumerate((-300, 300)):
         body = payload("edge%d" % n, ["http://127.0.0.1:9/x"])
         assert post(receiver.url, body, signed_headers(b"k3y", "edge%d" % n, str(NOW + skew)))[0] == 200
@@ -1211,9 +1234,9 @@ def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
 def test_https_serving_and_a_failed_handshake_does_not_hurt(start, certs, cdn):
     receiver = start(*allow_loopback(), "--tls-cert", certs[0], "--tls-key", certs[1])
     assert receiver.url.startswith("https://")
-    # A plaintext client and a client that hangs up mid-handshake.
-    with contextlib.suppress(ConnectionResetError):
-        assert not raw_request(receiver.url, b"POST / HTTP/1.0\r\n\r\n").startswith(b"HTTP")
+    # A plaintext client is told in plain HTTP; a client hangs up mid-handshake.
+    answer = raw_request(receiver.url, b"POST /suno-cover-callback HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 ") and b"https://" in answer
     raw_request(receiver.url, b"\x16\x03\x01\x00", read=False)
     client = ssl.create_default_context(cafile=certs[0])
     body = payload("tls", [cdn.route("/t.png", ok(PNG))])
@@ -1247,7 +1270,7 @@ def fill_the_cap(receiver, count):
     idle = [socket.create_connection((parts.hostname, parts.port)) for _ in range(count)]
     for sock in idle:
         sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\n")      # never finished
-    wait_for(lambda: receiver.server.slots._value == 0, what="every slot taken")
+    wait_for(lambda: receiver.server.slots.active() == count, what="every slot taken")
     return parts, idle
 
 
@@ -1258,7 +1281,7 @@ def test_connection_cap_answers_503_and_recovers(start):
     assert code == 503 and response.getheader("Retry-After") == "1"
     for sock in idle:
         sock.close()
-    wait_for(lambda: receiver.server.slots._value == 2, what="slots freed")
+    wait_for(lambda: receiver.server.slots.free() == 2, what="slots freed")
     assert post(receiver.url, payload("capped", ["http://127.0.0.1:9/x"]))[0] == 200
 
 
@@ -1761,6 +1784,8 @@ BAD_REQUESTS = [
     ("NUL in a header value", b"X-Note: a\x00b\r\nContent-Length: 2\r\n\r\n{}"),
     ("control character in a header value", b"X-Note: a\x07b\r\nContent-Length: 2\r\n\r\n{}"),
     ("json nested 100,000 deep", b"Content-Length: 200000\r\n\r\n" + b"[" * 100000 + b"]" * 100000),
+    ("two content-types", b"Content-Type: application/json\r\nContent-Type: text/plain\r\n"
+                          b"Content-Length: 2\r\n\r\n{}"),
 ]
 
 
@@ -2112,3 +2137,564 @@ def test_a_second_stop_signal_while_draining_exits_at_once(tmp_path, cdn):
 def test_status_help_does_not_claim_to_create_the_folder(capfd):
     assert cr.main(["status", "--help"], env={}) == 0
     assert "create" not in capfd.readouterr().out.split("--dir")[1].split("--")[0]
+
+
+# ---------------------------------------------------------------------------
+# Nothing wedges the receiver: a bad file, a slow peer, an idle flood, a clock step
+# ---------------------------------------------------------------------------
+
+def valid_record_bytes(task_id, url="http://127.0.0.1:9/x.png"):
+    return cr.encode_record(cr.new_record(cr.Callback(task_id, 200, "success", (url,))))
+
+
+def wrong_types(task_id):
+    stored = json.loads(valid_record_bytes(task_id))
+    stored.update(files="cover_1.png", tries=["x"])
+    return json.dumps(stored).encode()
+
+
+# Each shape is planted as <dir>/<taskId>/task.json of a task marked pending.
+CORRUPT_SHAPES = {
+    "empty object": lambda t: b"{}",
+    "wrong types": wrong_types,
+    "truncated": lambda t: valid_record_bytes(t)[:40],
+    "deep json": lambda t: b"[" * 200000 + b"]" * 200000,
+    "not utf-8": lambda t: b"\xff\xfe{}",
+    "another task's record": lambda t: valid_record_bytes("someone-else"),
+    "a file not named a cover": lambda t: valid_record_bytes(t).replace(
+        b'"files": [null]', b'"files": ["../../etc/passwd"]'),
+    "larger than the bound": lambda t: b" " * (cr.MAX_RECORD_BYTES + 1) + b"{}",
+    "a directory": "dir",
+    "a fifo": "fifo",
+}
+
+
+def plant_corrupt(folder, task_id, shape):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / task_id).mkdir()
+    target = folder / task_id / "task.json"
+    maker = CORRUPT_SHAPES[shape]
+    if maker == "dir":
+        target.mkdir()
+    elif maker == "fifo":
+        if WINDOWS:
+            pytest.skip("no FIFOs on Windows")
+        os.mkfifo(str(target))
+    else:
+        target.write_bytes(maker(task_id))
+    (folder / (".pending." + task_id)).touch()
+
+
+def healthz(receiver):
+    return json.loads(get(receiver.url.replace("/suno-cover-callback", "/healthz"))[1])
+
+
+def metrics_of(receiver):
+    return parse_metrics(get(receiver.url.replace("/suno-cover-callback", "/metrics"))[1].decode())
+
+
+def status_lines(folder, *argv):
+    result = run_cli("status", "--dir", str(folder), *argv)
+    return result.returncode, result.stdout.splitlines(), result.stderr
+
+
+@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
+def test_a_corrupt_record_at_start_up_is_reported_and_never_stops_serving(
+        start, cdn, tmp_path, caplog, shape):
+    plant_corrupt(tmp_path / "covers", "bad", shape)
+    receiver = start(*allow_loopback())
+    assert healthz(receiver)["corrupt"] == 1
+    assert metrics_of(receiver)["cover_receiver_tasks_corrupt"] == 1
+    assert [r for r in caplog.records if r.levelname == "ERROR"
+            and r.getMessage().startswith("record-corrupt task=bad")]
+    post(receiver.url, payload("good", [cdn.route("/g.png", ok(PNG))]))
+    assert wait_status(receiver.dir, "good", "done")
+    code, lines, _ = status_lines(receiver.dir)
+    row = next(line for line in lines if line.startswith("bad "))
+    assert code == 0 and " corrupt " in row and "task.json" in row
+
+
+@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
+def test_a_record_gone_corrupt_is_found_by_the_rescan_and_the_server_goes_on(
+        start, cdn, tmp_path, shape):
+    receiver = start(*allow_loopback(), rescan_seconds=0.05)
+    plant_corrupt(tmp_path / "covers", "bad", shape)
+    wait_for(lambda: healthz(receiver)["corrupt"] == 1, what="the rescan to find it")
+    post(receiver.url, payload("after", [cdn.route("/a.png", ok(PNG))]))
+    assert wait_status(receiver.dir, "after", "done")
+    assert receiver.server.pool._threads and receiver._thread.is_alive()
+
+
+@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
+def test_a_new_delivery_repairs_a_corrupt_task_and_keeps_the_bad_record(
+        start, cdn, tmp_path, shape):
+    plant_corrupt(tmp_path / "covers", "bad", shape)
+    receiver = start(*allow_loopback())
+    code, answer, _ = post(receiver.url, payload("bad", [cdn.route("/b.png", ok(PNG))]))
+    assert (code, answer["status"]) == (200, "received")
+    assert wait_status(receiver.dir, "bad", "done")["files"] == ["cover_1.png"]
+    assert read(os.path.join(receiver.dir, "bad", "cover_1.png")) == PNG
+    assert [n for n in os.listdir(os.path.join(receiver.dir, "bad"))
+            if n.startswith("task.json.corrupt-")]
+    assert healthz(receiver)["corrupt"] == 0
+
+
+def test_the_issue_reproduction_starts_listens_and_logs_an_error(tmp_path):
+    folder = tmp_path / "d"
+    plant_corrupt(folder, "X", "empty object")
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(folder)])
+    try:
+        proc.wait_log("ERROR record-corrupt task=X reason=task.json has no str taskId")
+        proc.wait_log("listening")
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.text()
+
+
+@posix_only
+def test_status_reads_no_fifo_and_shows_one_corrupt_record_by_id(tmp_path):
+    plant_corrupt(tmp_path / "covers", "pipe", "a fifo")
+    code, lines, _ = status_lines(tmp_path / "covers")       # run_cli times out if it blocks
+    assert code == 0 and any(line.startswith("pipe ") and "corrupt" in line for line in lines)
+    code, _, err = status_lines(tmp_path / "covers", "pipe")
+    assert code == 1 and "corrupt: task.json is not a regular file" in err
+
+
+def snapshot(folder):
+    """Every entry below folder with its bytes: what must not change."""
+    found = {}
+    for parent, dirs, files in os.walk(str(folder)):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            found[os.path.relpath(path, str(folder))] = None if os.path.isdir(path) else read(path)
+    return found
+
+
+# Each plant puts a link where the receiver would follow it: before start-up,
+# or while it runs (a start-up sweep would remove some links first).
+def link_the_task_folder(covers, outside, url, phase):
+    if phase == "before start":
+        covers.mkdir(parents=True)
+        os.symlink(str(outside), str(covers / "T1"))
+
+
+def link_the_lock_folder(covers, outside, url, phase):
+    if phase == "before start":
+        pending_on_disk(covers, "T1", url)
+        os.symlink(str(outside), str(covers / ".locks"))
+
+
+def link_the_part_file(covers, outside, url, phase):
+    if phase == "between tries":
+        part = covers / "T1" / ".cover_1.part"
+        wait_for(lambda: not os.path.lexists(str(part)), what="the failed try's part file to go")
+        os.symlink(str(outside / "victim"), str(part))
+
+
+def link_the_record(covers, outside, url, phase):
+    if phase == "before start":          # a done record that, if followed, stops the download
+        (covers / "T1").mkdir(parents=True)
+        done = json.loads(valid_record_bytes("T1", url))
+        done.update(status="done", files=["cover_1.png"])
+        (outside / "record").write_text(json.dumps(done))
+        os.symlink(str(outside / "record"), str(covers / "T1" / "task.json"))
+
+
+def link_a_cover(covers, outside, url, phase):
+    if phase == "before start":
+        pending_on_disk(covers, "T1", url)
+        os.symlink(str(outside / "victim"), str(covers / "T1" / "cover_1.png"))
+
+
+def link_the_marker(covers, outside, url, phase):
+    if phase == "running":
+        os.symlink(str(outside / "created-through-a-link"), str(covers / ".pending.T1"))
+
+
+LINK_PLANTS = [link_the_task_folder, link_the_lock_folder, link_the_part_file, link_the_record,
+               link_a_cover, link_the_marker]
+
+
+@posix_only
+@pytest.mark.parametrize("plant", LINK_PLANTS, ids=[p.__name__ for p in LINK_PLANTS])
+def test_no_link_inside_dir_leads_a_write_or_delete_outside_it(start, cdn, tmp_path, plant):
+    outside, covers = tmp_path / "elsewhere", tmp_path / "covers"
+    outside.mkdir()
+    (outside / "victim").write_bytes(PNG[:100] + b"not to be touched")
+    (outside / "T1.lock-like").write_bytes(b"keep")
+    # The first try is put off by a second: time to plant a link between two tries.
+    url = cdn.route("/l.png", status(503, Retry_After="1"), ok(PNG))
+    plant(covers, outside, url, "before start")
+    before = snapshot(outside)
+    receiver = start(*allow_loopback())
+    wait_for(lambda: receiver.next_rescan > time.monotonic(), what="the first rescan to pass")
+    plant(covers, outside, url, "running")
+    post(receiver.url, payload("T1", [url]))
+    cdn.wait_hits("/l.png", 1)
+    plant(covers, outside, url, "between tries")
+    assert wait_status(receiver.dir, "T1", "done")
+    assert read(os.path.join(receiver.dir, "T1", "cover_1.png")) == PNG
+    assert not os.path.islink(os.path.join(receiver.dir, "T1", "cover_1.png"))
+    assert snapshot(outside) == before
+
+
+def drip(length, every=0.1, head_first=True):
+    """A host that promises length bytes and sends one every `every` seconds
+    (always well inside --timeout); with head_first False it drips the
+    status line and headers too."""
+    def answer(handler):
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
+        if head_first:
+            handler.wfile.write(head + PNG[:8])
+            handler.wfile.flush()
+        stream = PNG[8:] if head_first else head + PNG
+        for byte in stream:
+            if handler.server.cdn_release.wait(every):
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+    return answer
+
+
+@pytest.mark.parametrize("head_first", [True, False], ids=["dripping body", "dripping head"])
+def test_drip_hosts_are_cut_by_min_rate_and_never_hold_every_worker(start, cdn, head_first):
+    receiver = start(*allow_loopback(), "--workers", "2", "--timeout", "0.5",
+                     "--min-rate", "1024", "--retry-for", "60")
+    drips = [cdn.route("/drip%d.png" % n, drip(10 ** 6, head_first=head_first)) for n in (1, 2)]
+    post(receiver.url, payload("drip", drips))
+    cdn.wait_hits("/drip1.png", 1)
+    cdn.wait_hits("/drip2.png", 1)
+    post(receiver.url, payload("fast", [cdn.route("/fast.png", ok(PNG))]))
+    assert wait_status(receiver.dir, "fast", "done")
+    stored = wait_for(lambda: all(record(receiver.dir, "drip")["lastError"])
+                      and record(receiver.dir, "drip"), what="both drips cut")
+    assert all("slower than --min-rate 1024" in e for e in stored["lastError"])
+
+
+def test_fetch_against_a_dripping_api_ends_within_its_wait(api, tmp_path):
+    def dripping(handler):
+        handler.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+        for _ in range(1000):
+            time.sleep(0.2)
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+    api.script("slowapi", dripping)
+    started = time.monotonic()
+    result = run_fetch(api, str(tmp_path / "c"), "slowapi", extra=("--wait", "2", "--timeout", "1"))
+    assert result.returncode == 1 and "slowapi error:" in result.stdout
+    assert time.monotonic() - started < 12, "fetch ran far past --wait"
+    assert "Traceback" not in result.stderr
+
+
+def idle_clients(receiver, count, tls=None):
+    parts = cr.urllib.parse.urlsplit(receiver.url)
+    return [socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
+            for _ in range(count)]
+
+
+def test_idle_connections_yield_to_a_new_callback_over_plain_http(start):
+    receiver = start("--max-connections", "4", "--request-timeout", "30")
+    idle = idle_clients(receiver, 4)
+    wait_for(lambda: receiver.server.slots.free() == 0, what="the cap filled by idle clients")
+    more = idle_clients(receiver, 12)                    # a flood that keeps reconnecting
+    try:
+        code, answer, _ = post(receiver.url, payload("probe", ["http://127.0.0.1:9/x"]))
+        assert (code, answer["status"]) == (200, "received")
+        cut = idle[0].recv(4096)                         # the oldest idle one made room
+        assert cut.startswith(b"HTTP/1.0 503 ")
+        assert metrics_of(receiver)["cover_receiver_connections_cut_total"] >= 1
+    finally:
+        for sock in idle + more:
+            sock.close()
+
+
+def test_idle_connections_yield_to_a_new_callback_over_tls(start, certs):
+    receiver = start("--max-connections", "4", "--request-timeout", "30",
+                     "--tls-cert", certs[0], "--tls-key", certs[1])
+    idle = idle_clients(receiver, 16)
+    try:
+        client = ssl.create_default_context(cafile=certs[0])
+        code, answer, _ = post(receiver.url, payload("probe", ["http://127.0.0.1:9/x"]), tls=client)
+        assert (code, answer["status"]) == (200, "received")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_over_the_cap_a_tls_client_still_gets_its_503(start, certs):
+    receiver = start("--max-connections", "2", "--request-timeout", "30",
+                     "--tls-cert", certs[0], "--tls-key", certs[1])
+    busy = idle_clients(receiver, 2)
+    for sock in busy:
+        sock.sendall(b"\x16\x03\x01")                    # a handshake begun, never finished
+    wait_for(lambda: receiver.server.slots.active() == 2, what="both slots busy")
+    try:
+        client = ssl.create_default_context(cafile=certs[0])
+        code, answer, response = post(receiver.url, payload("x"), tls=client)
+        assert code == 503 and answer["error"] == "too many connections"
+    finally:
+        for sock in busy:
+            sock.close()
+
+
+def test_a_backward_clock_step_does_not_stall_a_retry(start, cdn):
+    clock = SteppedClock()
+    receiver = start(*allow_loopback(), clock=clock)
+    url = cdn.route("/back.png", status(503), status(503), ok(PNG))
+    post(receiver.url, payload("back", [url]))
+    cdn.wait_hits("/back.png", 1)
+    clock.offset = -30 * 86400                           # NTP steps the wall clock 30 days back
+    assert wait_status(receiver.dir, "back", "done")
+
+
+def test_a_forward_clock_step_does_not_end_the_retries(start, cdn):
+    clock = SteppedClock()
+    receiver = start(*allow_loopback(), "--retry-for", "30", clock=clock)
+    url = cdn.route("/fwd.png", status(503), status(503), status(503), ok(PNG))
+    post(receiver.url, payload("fwd", [url]))
+    cdn.wait_hits("/fwd.png", 1)
+    clock.offset = 15 * 86400                            # past --retry-for by the wall clock
+    assert wait_status(receiver.dir, "fwd", "done")
+
+
+def test_a_next_try_stored_far_ahead_waits_no_longer_than_max_backoff(start, cdn, tmp_path):
+    url = cdn.route("/ahead.png", ok(PNG))
+    pending_on_disk(tmp_path / "covers", "ahead", url)
+    path = tmp_path / "covers" / "ahead" / "task.json"
+    stored = json.loads(path.read_text())
+    stored.update(tries=[3], nextTryAt=[cr.utc_now(time.time() + 30 * 86400)])
+    path.write_text(json.dumps(stored))                  # as written before a backward step
+    receiver = start(*allow_loopback(), "--max-backoff", "0.2")
+    assert wait_status(receiver.dir, "ahead", "done")
+
+
+REQUEST_SHAPES = [
+    ("absolute form urlsplit rejects",
+     b"POST http://[x]/suno-cover-callback HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", b"400"),
+    ("HTTP/0.9 request line", b"GET /healthz HTTP/0.9\r\n\r\n", b"505"),
+    ("HTTP/0.5 request line", b"POST /suno-cover-callback HTTP/0.5\r\n\r\n", b"505"),
+]
+
+
+@pytest.mark.parametrize("why, request_bytes, code", REQUEST_SHAPES,
+                         ids=[shape[0] for shape in REQUEST_SHAPES])
+def test_every_request_shape_gets_a_status_line_and_a_json_answer(start, why, request_bytes, code):
+    receiver = start()
+    answer = raw_request(receiver.url, request_bytes)
+    assert answer.startswith(b"HTTP/1.0 " + code + b" "), answer[:60]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "error"
+
+
+@posix_only
+def test_socket_activation_on_a_unix_socket_answers(tmp_path):
+    path = str(tmp_path / "cover.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
+               sys.executable, SCRIPT, "--dir", str(tmp_path / "c")]
+    proc = ReceiverProcess([], command=command, stdin=listener.fileno())
+    listener.close()
+    try:
+        proc.wait_log("listening")
+        body = json.dumps(payload("ux", ["http://127.0.0.1:9/x"])).encode()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(WAIT)
+            sock.connect(path)
+            sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.0 200 ") and b'"received"' in answer
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.text()
+
+
+API_SHAPES = [
+    ("json nested 200,000 deep", (200, b"[" * 200000 + b"]" * 200000, {})),
+    ("response is a string", (200, {"code": 200, "data": {"successFlag": 1, "response": "oops"}}, {})),
+    ("a 5,000-digit successFlag", (200, b'{"code": 200, "data": {"successFlag": ' + b"9" * 5000
+                                   + b"}}", {})),
+    ("a 5,000-digit successFlag string", (200, {"code": 200, "data": {"successFlag": "9" * 5000}},
+                                          {})),
+    ("a 5,000-digit errorCode", (200, b'{"code": 200, "data": {"successFlag": 3, "errorCode": '
+                                 + b"9" * 5000 + b"}}", {})),
+    ("data is a list", (200, {"code": 200, "data": [1, 2]}, {})),
+    ("successFlag is true", (200, {"code": 200, "data": {"successFlag": True}}, {})),
+    ("images is not a list", (200, {"code": 200, "data": {"successFlag": 1,
+                                                          "response": {"images": "x"}}}, {})),
+    ("code is a string", (200, {"code": "200", "data": {}}, {})),
+    ("msg is an object", (401, {"code": 401, "msg": {"a": 1}}, {})),
+]
+
+
+@pytest.mark.parametrize("why, answer", API_SHAPES, ids=[shape[0] for shape in API_SHAPES])
+def test_every_api_answer_shape_ends_as_a_classified_line(api, tmp_path, why, answer):
+    api.script("shape", answer)
+    result = run_fetch(api, str(tmp_path / "c"), "shape", extra=("--wait", "1"))
+    assert result.returncode in (1, 3), result
+    assert re.search(r"^shape (error|failed|pending): ", result.stdout, re.M), result.stdout
+    assert "internal error" not in result.stdout and "Traceback" not in result.stderr
+
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """folder refuses writes for real: a read-only bind mount as root (who
+    passes permission checks), mode 0555 for anyone else."""
+    if WINDOWS:
+        pytest.skip("no read-only folders for this test on Windows")
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot bind-mount here")
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+
+
+def test_a_folder_it_cannot_write_is_a_scheduled_visible_error_until_retry_for(
+        start, cdn, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    url = cdn.route("/ro.png", ok(PNG))
+    pending_on_disk(tmp_path / "covers", "ro", url)
+    with unwritable(tmp_path / "covers" / "ro"):
+        receiver = start(*allow_loopback(), "--retry-for", "1")
+        wait_for(lambda: any("stays pending on disk" in r.getMessage() for r in caplog.records),
+                 what="the give-up line")
+        retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
+        assert retries and all("cannot save cover_1: " in line for line in retries)
+        assert receiver.queue.in_flight == 0 and receiver.queue.waiting() == 0
+        assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert cdn.hits.get("/ro.png", 0) == 0
+
+
+def test_a_full_disk_at_the_covers_close_is_a_classified_retry(small_disk, start, cdn, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    receiver = start(*allow_loopback(), "--dir", str(small_disk / "covers"))
+    post(receiver.url, payload("close", [cdn.route("/c.gif", stall(GIF, cut=16), ok(GIF))]))
+    cdn.wait_hits("/c.gif", 1)
+    filler = fill(small_disk)
+    cdn.release.set()                                    # the small GIF is written at close
+    wait_for(lambda: any(r.getMessage().startswith("retry task=close") for r in caplog.records),
+             what="a retry line")
+    os.unlink(filler)
+    wait_status(receiver.dir, "close", "done")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("No space left on device (ENOSPC)" in line for line in lines
+               if line.startswith("retry task=close"))
+    assert not [line for line in lines if "crashed" in line]
+
+
+def test_hook_output_is_logged_bounded_and_escaped_never_raw(tmp_path, cdn):
+    hook = hook_script(tmp_path, (
+        "sys.stdout.write('fine\\n2026-12-01 00:00:00,000 INFO task-done task=FORGED\\n')\n"
+        "sys.stdout.flush()\n"
+        "sys.stdout.buffer.write(bytes(range(256)) * 16000)\n"))
+    proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(tmp_path / "c"),
+                            "--allow-host", "127.0.0.1", "--on-complete", hook])
+    try:
+        post(proc.url, payload("h", [cdn.route("/h.png", ok(PNG))]))
+        proc.wait_log("hook-exit task=h status=0")
+        proc.wait_log(r"hook-output task=h note=\d+ more bytes not shown")
+    finally:
+        assert proc.stop() == 0
+    lines = proc.text().splitlines()
+    assert not [line for line in lines if line.startswith("2026-12-01 00:00:00,000")]
+    assert any("hook-output task=h line=2026-12-01 00:00:00,000 INFO task-done task=FORGED" in line
+               for line in lines)
+    assert len(lines) < 60 and len(proc.text()) < 20000
+
+
+@pytest.mark.skipif(not cr.LINUX, reason="finding processes that left the group needs /proc")
+def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, tmp_path):
+    pidfile = tmp_path / "daemon.pid"
+    hook = hook_script(tmp_path, (
+        "import subprocess\n"
+        "daemon = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
+        "                          start_new_session=True)\n"
+        "open(%r, 'w').write(str(daemon.pid))\n"
+        "time.sleep(300)\n" % str(pidfile)))
+    receiver = start(*allow_loopback(), "--on-complete", hook, hook_timeout=1.0)
+    post(receiver.url, payload("d", [cdn.route("/d.png", ok(PNG))]))
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon"))
+
+    def gone():
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                return handle.read().split(") ")[1].startswith("Z")   # a zombie is dead
+        except FileNotFoundError:
+            return True
+    wait_for(gone, what="the setsid daemon to be killed")
+
+
+def test_a_reopened_record_is_written_only_while_marked(start, cdn, fsync_faults):
+    faults, events = fsync_faults
+    receiver = start(*allow_loopback())
+    body = payload("mark", [cdn.route("/m.png", status(404), ok(PNG))])
+    post(receiver.url, body)
+    wait_status(receiver.dir, "mark", "failed")
+    folder = os.path.join(os.path.abspath(receiver.dir), "mark")
+    marker = os.path.join(os.path.abspath(receiver.dir), ".pending.mark")
+    hang = threading.Event()
+    faults[folder] = [hang]                # the reopened record's write hangs mid-way
+    sender = threading.Thread(target=post, args=(receiver.url, body))
+    sender.start()
+    wait_for(lambda: ("fsync slow", folder) in events, what="the record write to start")
+    assert os.path.exists(marker)          # a kill now leaves a task that start-up sweeps
+    hang.set()
+    sender.join(WAIT)
+    assert wait_status(receiver.dir, "mark", "done")
+
+
+def test_start_up_sweeps_a_temp_record_a_kill_left_in_a_failed_task(start, tmp_path):
+    covers = tmp_path / "covers"
+    pending_on_disk(covers, "left", "http://127.0.0.1:9/x.png")
+    stored = json.loads((covers / "left" / "task.json").read_text())
+    stored.update(status="failed", error="cover_1: HTTP 404", errors=["cover_1: HTTP 404"])
+    (covers / "left" / "task.json").write_text(json.dumps(stored))
+    (covers / "left" / ".task.json.4242.7").write_bytes(b'{"half": ')
+    receiver = start()
+    assert leftovers(receiver.dir) == ["left", "left/task.json"]
+
+
+def test_retry_of_a_pending_task_says_when_it_is_tried_instead_of_blocking(tmp_path):
+    covers = tmp_path / "covers"
+    pending_on_disk(covers, "waiting", "http://127.0.0.1:9/x.png")
+    path = covers / "waiting" / "task.json"
+    stored = json.loads(path.read_text())
+    stored.update(tries=[2], lastError=["HTTP 503"], nextTryAt=[cr.utc_now(time.time() + 3600)])
+    path.write_text(json.dumps(stored))
+    result = run_cli("retry", "waiting", "--dir", str(covers))
+    assert result.returncode == 1
+    assert re.match(r"waiting pending: not failed, .*HTTP 503; next try 20", result.stdout)
+
+
+@pytest.mark.parametrize("url", ["http://%s.example/x.png" % ("a" * 64),
+                                 "https://%31%32%37.0.0.1/x.png", "https://a..b/x.png"])
+def test_a_host_that_can_never_resolve_is_refused_not_retried(start, url):
+    receiver = start()
+    code, answer, _ = post(receiver.url, payload("nx", [url]))
+    assert code == 400 and "neither an IP address nor a DNS name" in answer["error"]
+    assert isinstance(pytest.raises(cr.Permanent, cr.DownloadPolicy(()).vet, url).value,
+                      cr.Permanent)
+
+
+def test_a_flood_of_healthz_costs_about_one_disk_probe_a_second(start, monkeypatch):
+    receiver = start()
+    probes, real = [], receiver.store.probe
+
+    def counted():
+        probes.append(time.monotonic())
+        real()
+    monkeypatch.setattr(receiver.store, "probe", counted)
+    started = time.monotonic()
+    for _ in range(30):
+        assert healthz(receiver)["status"] == "ok"
+    assert len(probes) <= int(time.monotonic() - started) + 1
