@@ -1098,6 +1098,9 @@ class TaskStore:
         """Make callback durable. Returns ("received" | "duplicate", record).
         No answer may leave before what it reports is durable, on any path."""
         try:
+            known = self._done(callback.task_id)
+            if known:
+                return "duplicate", known
             record = new_record(callback)
             if self._create(callback.task_id, record):
                 return "received", record
@@ -1122,6 +1125,18 @@ class TaskStore:
             self._mark(task_id)
         Platform.fsync_dir(self.root)
         return True
+
+    def _done(self, task_id):
+        """The record of a done task, read without a lock: done is final, so
+        its duplicate needs no write and no fsync, and is answered also by a
+        <dir> remounted read-only. (Seen before its writer's fsync returned,
+        a crash could only take it back to pending, which start-up finishes
+        by adopting the saved covers.)"""
+        try:
+            record = self.read(task_id)
+        except CorruptRecord:
+            return None
+        return record if record is not None and record["status"] == DONE else None
 
     def _accept_again(self, callback):
         task_id = callback.task_id
@@ -1461,6 +1476,10 @@ def record_problem(record, task_id):
     written by 1.0, which lacks the retry fields, in place."""
     if not isinstance(record, dict):
         return "is not a JSON object"
+    return record_fields_problem(record, task_id) or image_lists_problem(record)
+
+
+def record_fields_problem(record, task_id):
     for key, kind in RECORD_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return "has no %s %s" % (kind.__name__, key)
@@ -1470,6 +1489,10 @@ def record_problem(record, task_id):
         return "has an unknown status %s" % escape(record["status"], 20)
     if not isinstance(record.get("error"), (str, type(None))):
         return "has an error that is not text"
+    return None
+
+
+def image_lists_problem(record):
     images, count = record["images"], len(record["images"])
     if count > MAX_IMAGES or not all(isinstance(url, str) for url in images)             or len(record["files"]) != count:
         return "has a wrong images or files list"
@@ -1782,13 +1805,18 @@ class Fetcher:
                     conn.close()
         raise Permanent("more than %d redirects" % MAX_REDIRECTS)
 
-    def _stream(self, response, out, abort):
+    def _declared_length(self, response):
+        """The Content-Length, or None when there is none (Permanent when bad)."""
         header = response.getheader("Content-Length")
         declared = parse_digits(header)
         if header is not None and declared is None:
             raise Permanent("malformed Content-Length %s" % escape(header, 30))
         if declared is not None and declared > self.max_bytes:
             raise Permanent("larger than --max-image-bytes (%d bytes)" % declared)
+        return declared
+
+    def _stream(self, response, out, abort):
+        declared = self._declared_length(response)
         head, total, ext = b"", 0, None
         buffer = memoryview(bytearray(CHUNK))     # one buffer per image: memory stays flat
         while True:
@@ -3202,7 +3230,7 @@ def run_status(config, env):
         files = record.get("files") or []
         line = row % (record.get("taskId"), record.get("status"),
                       "%d/%d" % (sum(1 for f in files if f), len(files)),
-                      record.get("updatedAt"), escape(task_reason(record), 1000))
+                      record.get("updatedAt") or "-", escape(task_reason(record), 1000))
         print(line if len(line) <= width else line[:max(width - 3, 80)] + "...")
     return 0
 

@@ -2698,3 +2698,14 @@ def test_a_flood_of_healthz_costs_about_one_disk_probe_a_second(start, monkeypat
     for _ in range(30):
         assert healthz(receiver)["status"] == "ok"
     assert len(probes) <= int(time.monotonic() - started) + 1
+
+
+def test_a_duplicate_of_a_done_task_is_answered_from_a_read_only_dir(start, cdn, tmp_path):
+    receiver = start(*allow_loopback())
+    body = payload("ro-done", [cdn.route("/rd.png", ok(PNG))])
+    post(receiver.url, body)
+    wait_status(receiver.dir, "ro-done", "done")
+    with unwritable(tmp_path / "covers"):          # ext4 remounts read-only after I/O errors
+        code, answer, _ = post(receiver.url, body)
+        assert (code, answer["status"]) == (200, "duplicate")
+        assert post(receiver.url, payload("new-one"))[0] == 503
