@@ -1633,10 +1633,17 @@ class Meter:
         self.min_rate, self.window, self.deadline, self.clock = min_rate, window, deadline, clock
         self.total = 0
         self._marks = collections.deque([(clock(), 0)])     # (time, total) a few per window
+        self._next_look = self._marks[0][0]
 
     def count(self, size):
-        now, marks = self.clock(), self._marks
         self.total += size
+        now = self.clock()
+        if now < self._next_look:       # looked less than window/8 ago: a read costs no more
+            return
+        self._next_look = now + self.window / 8
+        if self.deadline is not None:
+            self._next_look = min(self._next_look, self.deadline)
+        marks = self._marks
         if self.deadline is not None and now > self.deadline:
             raise TooSlow("ran out of time (--wait)")
         while len(marks) > 1 and marks[1][0] <= now - self.window:
@@ -1646,8 +1653,7 @@ class Meter:
                 and self.total - then < self.min_rate * (now - since):
             raise TooSlow("slower than --min-rate %d bytes/s over %g s"
                           % (self.min_rate, self.window))
-        if now - marks[-1][0] >= self.window / 8:
-            marks.append((now, self.total))
+        marks.append((now, self.total))
 
     def timeout(self, step):
         """The timeout for one network step: step, or less near the deadline."""
