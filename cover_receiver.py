@@ -774,9 +774,13 @@ class Platform:
     # O_NOFOLLOW gives on Linux and macOS, EMLINK on FreeBSD. Windows has no
     # O_NOFOLLOW (links there need a privilege: README) and wants O_BINARY.
     NO_LINK = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    LINK_ERRNOS = (errno.ELOOP, errno.EMLINK)
-    # Reading never waits on a FIFO planted where a file should be.
-    READ_FLAGS = os.O_RDONLY | NO_LINK | getattr(os, "O_NONBLOCK", 0)
+    # No open waits on a FIFO planted where a file should be (a FIFO opened to
+    # write with no reader fails with ENXIO instead of blocking).
+    NO_WAIT = getattr(os, "O_NONBLOCK", 0)
+    READ_FLAGS = os.O_RDONLY | NO_LINK | NO_WAIT
+    # What an open meets where something else was planted: a link (ELOOP, or
+    # EMLINK on FreeBSD), a folder, a FIFO or socket, or a stale file (O_EXCL).
+    PLANTED_ERRNOS = (errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO, errno.EEXIST)
     # POSIX wakes a thread blocked on a socket that another thread shuts down, so
     # a request deadline needs no socket timeout (which costs a poll per read);
     # Windows under Wine does not, so there each socket gets the timeout too.
@@ -881,16 +885,34 @@ class Platform:
 
     @classmethod
     def open_here(cls, path, flags, mode=0o644):
-        """os.open for a file of the store's own. A link planted at path is
-        removed (never followed), and so is a stale file where flags say
-        O_EXCL; then the open is tried once more."""
-        try:
-            return cls.retry_sharing(os.open, path, flags | cls.NO_LINK, mode)
-        except OSError as exc:
-            if not isinstance(exc, FileExistsError) and exc.errno not in cls.LINK_ERRNOS:
-                raise
+        """os.open for a regular file of the store's own. Whatever else stands
+        at path (a link, never followed; a folder, a FIFO; a stale file where
+        flags say O_EXCL) is removed, and the open tried once more."""
+        for last in (False, True):
+            try:
+                fd = cls.retry_sharing(os.open, path, flags | cls.NO_LINK | cls.NO_WAIT, mode)
+            except OSError as exc:
+                if last or exc.errno not in cls.PLANTED_ERRNOS:
+                    raise
+                remove_entry(path)
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)                # a FIFO that had a reader, a device
+            if last:
+                raise OSError(errno.EEXIST, "not a regular file", path)
+            remove_entry(path)
+
+
+def remove_entry(path):
+    """Remove what is at path: a file, a link (never what it points to) or a
+    folder with its content (shutil.rmtree follows no link)."""
+    try:
         os.unlink(path)
-        return cls.retry_sharing(os.open, path, flags | cls.NO_LINK, mode)
+    except (IsADirectoryError, PermissionError):    # a folder: EISDIR, or EPERM on macOS
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise
+        shutil.rmtree(path)
 
 
 def read_regular_file(path, limit):
@@ -1227,7 +1249,12 @@ class TaskStore:
                 os.fsync(handle.fileno())
                 size = handle.tell()
             name = "cover_%d.%s" % (index + 1, ext)
-            Platform.retry_sharing(os.replace, part, os.path.join(path, name))
+            final = os.path.join(path, name)
+            try:
+                Platform.retry_sharing(os.replace, part, final)
+            except IsADirectoryError:   # a folder planted there: a rename cannot replace it
+                remove_entry(final)
+                os.replace(part, final)
         except OSError as exc:
             self._remove_part(part)
             raise Retryable("cannot save cover_%d: %s" % (index + 1, os_reason(exc))) from None
@@ -1273,15 +1300,29 @@ class TaskStore:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.root, name))
         for name in os.listdir(self.locks):
-            lock = LockFile(os.path.join(self.locks, name))
-            if lock.acquire(wait=False):
-                lock.release()
+            self._never_fatal(name, self._remove_stale_lock, name)
         names += self._migrate_legacy_index()
         for task_id in self.pending_ids(names):
-            with self._locked(task_id):
-                with contextlib.suppress(CorruptRecord):    # pending_work() notes it
-                    self._sweep(task_id)
+            self._never_fatal(task_id, self._sweep_locked, task_id)
         return self.pending_work()
+
+    def _remove_stale_lock(self, name):
+        lock = LockFile(os.path.join(self.locks, name))
+        if lock.acquire(wait=False):
+            lock.release()
+
+    def _sweep_locked(self, task_id):
+        with self._locked(task_id):
+            with contextlib.suppress(CorruptRecord):    # pending_work() notes it
+                self._sweep(task_id)
+
+    @staticmethod
+    def _never_fatal(name, action, *args):
+        """Start-up goes on past one entry it cannot clean (a root-owned folder)."""
+        try:
+            action(*args)
+        except OSError as exc:
+            log_event("sweep-failed", level=logging.ERROR, entry=name, reason=os_reason(exc))
 
     def pending_work(self, known=()):
         """pending_jobs() of the pending tasks not in known; markers of tasks
@@ -1366,7 +1407,7 @@ class TaskStore:
             return
         for entry in os.scandir(path):
             if entry.name.startswith(".task.json."):
-                os.unlink(entry.path)
+                remove_entry(entry.path)
             elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
                 claim = LockFile(self._lock_path(task_id, entry.name[7:-5]))
                 if claim.acquire(wait=False):       # else a live downloader owns it
@@ -1376,7 +1417,7 @@ class TaskStore:
     @staticmethod
     def _remove_part(part):
         with contextlib.suppress(OSError):
-            os.unlink(part)
+            remove_entry(part)
 
     def _write(self, task_id, record):
         """Atomic replace: temp file, fsync, rename, fsync of the folder."""
@@ -1399,7 +1440,7 @@ class TaskStore:
 
     def _unmark(self, task_id):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.root, PENDING_PREFIX + task_id))
+            remove_entry(os.path.join(self.root, PENDING_PREFIX + task_id))
 
     def _migrate_legacy_index(self):
         """1.0 kept <dir>/.pending/<taskId>: turn it into markers."""
@@ -2306,8 +2347,15 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
 
     def parse_request(self):
-        """The stdlib's parser, but HTTP/0.x is refused: http.server would
-        answer it with a body and no status line."""
+        """The stdlib's parser, but one empty line before the request line is
+        skipped (RFC 9112 2.2), and HTTP/0.x is refused: http.server would
+        answer the first with silence and the second with no status line."""
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline.strip():
+            self.command, self.request_version = None, self.default_request_version
+            self.send_error(400, "no request line")
+            return False
         if not super().parse_request():
             return False
         if self.request_version.startswith("HTTP/0."):
@@ -2794,7 +2842,9 @@ class Receiver:
     def listen_address(self):
         """(host, port); (socket path, None) for a Unix socket."""
         address = self.server.server_address
-        return (address, None) if isinstance(address, str) else address[:2]
+        if isinstance(address, (str, bytes)):           # a path, or b"\0name" (abstract)
+            return os.fsdecode(address).replace("\0", "@") or "unix", None
+        return address[:2]
 
     @property
     def url(self):
@@ -2994,6 +3044,8 @@ class RecordInfoClient:
             body = response.read(MAX_API_ANSWER)
         except (OSError, http.client.HTTPException) as exc:
             raise ApiError("API unreachable: %s" % _network_reason(exc), True) from None
+        except ValueError as exc:       # http.client's own, e.g. a chunk size that is not hex
+            raise ApiError("API answer malformed: %s" % escape(exc, 80), True) from None
         finally:
             conn.close()
         retry_after = parse_retry_after(response.getheader("Retry-After"))

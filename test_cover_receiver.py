@@ -2469,6 +2469,9 @@ def test_a_next_try_stored_far_ahead_waits_no_longer_than_max_backoff(start, cdn
 
 
 REQUEST_SHAPES = [
+    ("an empty line before the request line (RFC 9112 2.2)",
+     b"\r\nGET /nowhere HTTP/1.0\r\n\r\n", b"404"),
+    ("two empty lines", b"\r\n\r\n", b"400"),
     ("absolute form urlsplit rejects",
      b"POST http://[x]/suno-cover-callback HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", b"400"),
     ("HTTP/0.9 request line", b"GET /healthz HTTP/0.9\r\n\r\n", b"505"),
@@ -2525,6 +2528,8 @@ API_SHAPES = [
                                                           "response": {"images": "x"}}}, {})),
     ("code is a string", (200, {"code": "200", "data": {}}, {})),
     ("msg is an object", (401, {"code": 401, "msg": {"a": 1}}, {})),
+    ("a chunk size that is not hex", lambda handler: handler.wfile.write(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")),
 ]
 
 
@@ -2709,3 +2714,68 @@ def test_a_duplicate_of_a_done_task_is_answered_from_a_read_only_dir(start, cdn,
         code, answer, _ = post(receiver.url, body)
         assert (code, answer["status"]) == (200, "duplicate")
         assert post(receiver.url, payload("new-one"))[0] == 503
+
+
+def plant_entry(path, kind, outside):
+    if kind == "a folder":
+        os.makedirs(str(path / "inside"))
+    elif kind == "a fifo":
+        os.mkfifo(str(path))
+    else:
+        os.symlink(str(outside), str(path))
+
+
+# Where the store keeps files of its own, something else may have been put.
+PLANT_PLACES = {".locks/X": "before start", "X/.task.json.1.2": "before start",
+                "X/.cover_1.part": "before start", "X/cover_1.png": "before start",
+                ".pending.X": "running"}
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["a folder", "a fifo", "a link"])
+@pytest.mark.parametrize("place", PLANT_PLACES)
+def test_whatever_stands_where_the_store_keeps_a_file_never_wedges_it(
+        start, cdn, tmp_path, caplog, place, kind):
+    covers, outside = tmp_path / "covers", tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep")
+    url = cdn.route("/p.png", ok(PNG))
+    covers.mkdir()
+    (covers / ".locks").mkdir()
+    if PLANT_PLACES[place] == "before start":
+        pending_on_disk(covers, "X", url)
+        plant_entry(covers / place, kind, outside)
+    receiver = start(*allow_loopback())
+    if PLANT_PLACES[place] == "running":
+        wait_for(lambda: receiver.next_rescan > time.monotonic(), what="the first rescan to pass")
+        plant_entry(covers / place, kind, outside)
+    code, _, _ = post(receiver.url, payload("X", [url]))
+    assert code == 200
+    assert wait_status(receiver.dir, "X", "done")
+    assert read(os.path.join(receiver.dir, "X", "cover_1.png")) == PNG
+    assert snapshot(outside) == {"keep": b"keep"}
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()
+                or r.exc_info is not None]
+
+
+@pytest.mark.skipif(not cr.LINUX, reason="abstract Unix sockets are Linux's")
+def test_socket_activation_on_an_abstract_unix_socket_answers(tmp_path):
+    name = "\0cover-test-%d" % os.getpid()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(name)
+    listener.listen()
+    command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
+               sys.executable, SCRIPT, "--dir", str(tmp_path / "c")]
+    proc = ReceiverProcess([], command=command, stdin=listener.fileno())
+    listener.close()
+    try:
+        proc.wait_log("listening host=@cover-test")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(WAIT)
+            sock.connect(name)
+            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.0 200 ")
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.text()
