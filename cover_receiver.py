@@ -2559,9 +2559,10 @@ PLAIN_ON_TLS = canned_answer(b"400 Bad Request", "this port speaks HTTPS: use an
 class ConnectionSlots:
     """--max-connections, held by accepted connections. At the cap a new
     connection takes the place of one that has sent nothing yet (idle
-    connections must not deny service), preferring the client address that
-    holds the most slots (as nginx's limit_conn would), then the oldest.
-    Only when every holder has begun its request is the newcomer refused."""
+    connections must not deny service), from the client address holding the
+    most slots, oldest first; failing that, when another address holds more
+    than half the slots, that address's oldest (nginx's limit_conn fairness).
+    Else the newcomer is refused."""
 
     def __init__(self, size):
         self.size = size
@@ -2578,18 +2579,32 @@ class ConnectionSlots:
             return sum(1 for _, started in self._held.values() if started)
 
     def admit(self, sock, client):
-        """(admitted, an idle connection that must yield to it, or None)."""
+        """(admitted, (connection that yields to it, whether it was idle) or None)."""
         with self._lock:
-            idle = None
+            cut = None
             if len(self._held) >= self.size:
-                load = collections.Counter(holder for holder, _ in self._held.values())
-                waiting = [s for s, (_, active) in self._held.items() if not active]
-                idle = max(waiting, key=lambda s: load[self._held[s][0]], default=None)
-                if idle is None:
+                cut = self._yielding(client)
+                if cut is None:
                     return False, None
-                del self._held[idle]
+                del self._held[cut[0]]
             self._held[sock] = [client, False]
-            return True, idle
+            return True, cut
+
+    def _yielding(self, client):
+        load = collections.Counter(holder for holder, _ in self._held.values())
+        idle = [s for s, (_, active) in self._held.items() if not active]
+        if idle:
+            return max(idle, key=lambda s: load[self._held[s][0]]), True
+        heaviest, count = load.most_common(1)[0]
+        if heaviest != client and count * 2 > self.size:
+            return next(s for s, (holder, _) in self._held.items() if holder == heaviest), False
+        return None
+
+    def rekey(self, old, new):
+        """The connection is now the TLS socket new (old is detached)."""
+        with self._lock:
+            if old in self._held:
+                self._held[new] = self._held.pop(old)
 
     def activate(self, sock):
         """The connection sent its first byte; False when it was cut meanwhile."""
@@ -2719,24 +2734,28 @@ class CallbackServer(http.server.HTTPServer):
         return sock, address if isinstance(address, tuple) else ("local", 0)
 
     def process_request(self, request, client_address):
-        admitted, idle = self.slots.admit(request, client_address[0])
-        if idle is not None:
-            self._cut(idle)
+        admitted, cut = self.slots.admit(request, client_address[0])
+        if cut is not None:
+            self._cut(*cut)
         if admitted:
             return self.pool.submit(request, client_address)
         self.receiver.metrics.inc("callbacks_total", "unavailable")
         self.receiver.rejections.note(503, client_address[0], "max-connections")
         self.refusals.add(request, TOO_MANY, self.tls)
 
-    def _cut(self, sock):
-        """An idle connection yields its slot: a 503 where one can be said
-        without a handshake (plain HTTP), then a shutdown that wakes the
-        thread waiting for its first byte, which closes it."""
+    def _cut(self, sock, idle):
+        """A connection yields its slot: an idle one gets a 503 where one can
+        be said without a handshake (plain HTTP); then a shutdown wakes the
+        thread serving it, which closes it. (The plain socket call: an
+        SSLSocket's own shutdown() is not safe while its thread reads.)"""
         self.receiver.metrics.inc("connections_cut_total")
-        if self.tls is None:
+        if idle and self.tls is None:
             with contextlib.suppress(OSError):
                 sock.send(TOO_MANY)
-        Platform.interrupt(sock)
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        if idle:
+            Platform.interrupt(sock)    # Windows wakes a blocked read only by a close
 
     def _serve_connection(self, request, client_address):
         handed_off = False
@@ -2745,9 +2764,9 @@ class CallbackServer(http.server.HTTPServer):
         except Exception:               # thread boundary: socketserver logs it
             self.handle_error(request, client_address)
         finally:
+            self.slots.release(request)     # before the close: a cut must find it open
             if not handed_off:
                 self.shutdown_request(request)
-            self.slots.release(request)
 
     def finish_request(self, request, client_address):
         """Wait for the first byte (an idle connection may be cut meanwhile),
@@ -2767,6 +2786,7 @@ class CallbackServer(http.server.HTTPServer):
                     return True
                 conn = self.tls.wrap_socket(request, server_side=True,
                                             do_handshake_on_connect=False)
+                self.slots.rekey(request, conn)
                 with self.deadlines_lock:    # the raw socket is detached now: watch conn
                     self.deadlines[conn] = self.deadlines.pop(request)
                 conn.do_handshake()
@@ -2778,6 +2798,7 @@ class CallbackServer(http.server.HTTPServer):
                 self.deadlines.pop(conn, None)
                 self.deadlines.pop(request, None)
             if conn is not request:
+                self.slots.release(conn)
                 conn.close()
         return False
 

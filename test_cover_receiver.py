@@ -2779,3 +2779,30 @@ def test_socket_activation_on_an_abstract_unix_socket_answers(tmp_path):
     finally:
         assert proc.stop() == 0
     assert "Traceback" not in proc.text()
+
+
+@pytest.mark.skipif(WINDOWS, reason="a second loopback source address (127.0.0.2) is Linux's")
+def test_one_address_holding_the_cap_with_started_requests_yields_to_another(start):
+    receiver = start("--max-connections", "4", "--request-timeout", "30")
+    parts = cr.urllib.parse.urlsplit(receiver.url)
+    flood = []
+    for _ in range(4):                              # each sends a byte, then stalls
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
+        sock.sendall(b"P")
+        flood.append(sock)
+    wait_for(lambda: receiver.server.slots.active() == 4, what="the cap held by one address")
+    try:
+        same = socket.create_connection((parts.hostname, parts.port), timeout=WAIT)
+        assert same.recv(4096).startswith(b"HTTP/1.0 503 ")    # the flooder gets no more
+        same.close()
+        body = json.dumps(payload("other", ["http://127.0.0.1:9/x"])).encode()
+        other = socket.create_connection((parts.hostname, parts.port), timeout=WAIT,
+                                         source_address=("127.0.0.2", 0))
+        other.sendall(b"POST /suno-cover-callback HTTP/1.0\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b"".join(iter(lambda: other.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.0 200 ") and b'"received"' in answer
+        other.close()
+    finally:
+        for sock in flood:
+            sock.close()
