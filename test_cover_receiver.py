@@ -1343,10 +1343,7 @@ def test_socket_activation_serves_on_fd_3(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
-               sys.executable, SCRIPT, "--port", "1", "--dir", str(tmp_path / "c")]
-    proc = ReceiverProcess([], command=command, stdin=listener.fileno())
-    listener.close()
+    proc = socket_activated(listener, tmp_path / "c")       # its --port is ignored
     try:
         proc.wait_log("listening")
         status_code, answer, _ = post("http://127.0.0.1:%d/suno-cover-callback" % port,
@@ -1868,14 +1865,20 @@ def test_after_a_failed_fsync_of_the_dir_the_retry_makes_it_durable(start, cdn, 
     assert wait_status(receiver.dir, "eio", "done")    # and the retry queued the download
 
 
+def failed_task(start, cdn, task_id):
+    """A task whose image failed for good (404); its next delivery reopens it
+    and the image then answers. Returns (receiver, the delivery, its folder)."""
+    receiver = start(*allow_loopback())
+    body = payload(task_id, [cdn.route("/%s.png" % task_id, status(404), ok(PNG))])
+    post(receiver.url, body)
+    wait_status(receiver.dir, task_id, "failed")
+    return receiver, body, os.path.join(os.path.abspath(receiver.dir), task_id)
+
+
 def test_after_a_failed_fsync_of_the_task_folder_the_retry_makes_it_durable(start, cdn,
                                                                             fsync_faults):
     faults, events = fsync_faults
-    receiver = start(*allow_loopback())
-    body = payload("eio2", [cdn.route("/e2.png", status(404), ok(PNG))])
-    post(receiver.url, body)
-    wait_status(receiver.dir, "eio2", "failed")
-    folder = os.path.join(os.path.abspath(receiver.dir), "eio2")
+    receiver, body, folder = failed_task(start, cdn, "eio2")
     faults[folder] = ["fail"]                         # the reopened record's folder fsync fails
     assert post(receiver.url, body)[0] == 503
     code, answer, _ = post(receiver.url, body)
@@ -2488,22 +2491,31 @@ def test_every_request_shape_gets_a_status_line_and_a_json_answer(start, why, re
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "error"
 
 
-@posix_only
-def test_socket_activation_on_a_unix_socket_answers(tmp_path):
-    path = str(tmp_path / "cover.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
+def socket_activated(listener, folder):
+    """The receiver started as systemd would, serving listener on fd 3."""
     command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
-               sys.executable, SCRIPT, "--dir", str(tmp_path / "c")]
+               sys.executable, SCRIPT, "--dir", str(folder)]
     proc = ReceiverProcess([], command=command, stdin=listener.fileno())
     listener.close()
+    return proc
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_socket_activation_on_a_unix_socket_answers(tmp_path, kind):
+    if kind == "abstract" and not cr.LINUX:
+        pytest.skip("abstract Unix sockets are Linux's")
+    address = str(tmp_path / "cover.sock") if kind == "path" else "\0cover-test-%d" % os.getpid()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen()
+    proc = socket_activated(listener, tmp_path / "c")
     try:
-        proc.wait_log("listening")
+        proc.wait_log("listening host=%s" % ("/" if kind == "path" else "@cover-test"))
         body = json.dumps(payload("ux", ["http://127.0.0.1:9/x"])).encode()
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(WAIT)
-            sock.connect(path)
+            sock.connect(address)
             sock.sendall(b"POST /suno-cover-callback HTTP/1.0\r\nContent-Type: application/json"
                          b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
@@ -2641,11 +2653,7 @@ def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, t
 
 def test_a_reopened_record_is_written_only_while_marked(start, cdn, fsync_faults):
     faults, events = fsync_faults
-    receiver = start(*allow_loopback())
-    body = payload("mark", [cdn.route("/m.png", status(404), ok(PNG))])
-    post(receiver.url, body)
-    wait_status(receiver.dir, "mark", "failed")
-    folder = os.path.join(os.path.abspath(receiver.dir), "mark")
+    receiver, body, folder = failed_task(start, cdn, "mark")
     marker = os.path.join(os.path.abspath(receiver.dir), ".pending.mark")
     hang = threading.Event()
     faults[folder] = [hang]                # the reopened record's write hangs mid-way
@@ -2756,29 +2764,6 @@ def test_whatever_stands_where_the_store_keeps_a_file_never_wedges_it(
     assert snapshot(outside) == {"keep": b"keep"}
     assert not [r for r in caplog.records if "crashed" in r.getMessage()
                 or r.exc_info is not None]
-
-
-@pytest.mark.skipif(not cr.LINUX, reason="abstract Unix sockets are Linux's")
-def test_socket_activation_on_an_abstract_unix_socket_answers(tmp_path):
-    name = "\0cover-test-%d" % os.getpid()
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(name)
-    listener.listen()
-    command = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&0 0</dev/null',
-               sys.executable, SCRIPT, "--dir", str(tmp_path / "c")]
-    proc = ReceiverProcess([], command=command, stdin=listener.fileno())
-    listener.close()
-    try:
-        proc.wait_log("listening host=@cover-test")
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(WAIT)
-            sock.connect(name)
-            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-            answer = b"".join(iter(lambda: sock.recv(65536), b""))
-        assert answer.startswith(b"HTTP/1.0 200 ")
-    finally:
-        assert proc.stop() == 0
-    assert "Traceback" not in proc.text()
 
 
 @pytest.mark.skipif(WINDOWS, reason="a second loopback source address (127.0.0.2) is Linux's")
