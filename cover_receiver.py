@@ -107,6 +107,7 @@ PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
 PENDING_PREFIX = ".pending."    # <dir>/.pending.<taskId>: index of unfinished tasks
+HOOK_PREFIX = ".hook."          # <dir>/.hook.<taskId>: a hook pending or failed
 NEW_PREFIX = ".new."            # <dir>/.new.<taskId>.<pid>.<n>: a task folder being built
 LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, present while held
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
@@ -483,7 +484,9 @@ OPTIONS = (
     Option("tls-key", None, _readable_file, "private key (PEM) to serve HTTPS", metavar="FILE"),
     Option("on-complete", None, _command,
            "command run when a task ends; its folder is appended as last argument",
-           metavar="CMD"),
+           ("serve", "retry"), metavar="CMD"),
+    Option("hook-retry-for", "86400", _seconds(0), "keep running a failing hook this long "
+           "after its task ended", ("serve", "retry"), metavar="SECONDS"),
     Option("drain-seconds", "10", _seconds(0), "on SIGTERM, time running downloads may finish",
            metavar="SECONDS"),
     Option("max-connections", "64", _int_range(1, 10000), "connections served at once"),
@@ -520,6 +523,8 @@ class Config:
     tls_cert: str = None
     tls_key: str = None
     on_complete: tuple = None
+    hook_retry_for: float = None
+    hook: bool = False                  # retry --hook
     drain_seconds: float = None
     max_connections: int = None
     request_timeout: float = None
@@ -574,6 +579,8 @@ def build_parser():
             sub.add_argument("task_ids", nargs="?", metavar="TASKID")
         if command == "retry":
             sub.add_argument("task_ids", nargs="*", metavar="TASKID")
+            sub.add_argument("--hook", action="store_true",
+                             help="run the failed hooks of these tasks again now, not their images")
         for opt in OPTIONS:
             if command in opt.commands:
                 default = "" if opt.default is None else " (default: %s)" % opt.default
@@ -636,6 +643,10 @@ def build_config(argv, env):
         token = _read_secret(values.pop("token_file", None), env, ENV_PREFIX + "TOKEN",
                              "--token-file")
         values["token"] = token.decode("utf-8", "replace") if token else None
+    if args.command == "retry":
+        values["hook"] = args.hook
+        if args.hook and not values.get("on_complete"):
+            raise UsageError("retry --hook needs --on-complete (or COVER_RECEIVER_ON_COMPLETE)")
     if args.command in ("fetch", "retry", "status"):
         ids = args.task_ids if isinstance(args.task_ids, list) else [args.task_ids]
         for task_id in ids:
@@ -1019,8 +1030,8 @@ class TaskStore:
     (logged once, counted) and never stops the caller.
     """
 
-    def __init__(self, root):
-        self.root = os.path.abspath(root)
+    def __init__(self, root, hooks=False):
+        self.root, self.hooks = os.path.abspath(root), hooks
         self.locks = os.path.join(self.root, LOCKS_DIR)
         self._pid = os.getpid()
         self._serial = itertools.count()        # unique temp names without getrandom()
@@ -1092,10 +1103,10 @@ class TaskStore:
         with self._corrupt_lock:
             self._corrupt.pop(task_id, None)
 
-    def pending_ids(self, names=None):
+    def pending_ids(self, names=None, prefix=PENDING_PREFIX):
         names = os.listdir(self.root) if names is None else names
-        return sorted(n[len(PENDING_PREFIX):] for n in names if n.startswith(PENDING_PREFIX)
-                      and TASK_ID_RE.fullmatch(n[len(PENDING_PREFIX):]))
+        return sorted(n[len(prefix):] for n in names if n.startswith(prefix)
+                      and TASK_ID_RE.fullmatch(n[len(prefix):]))
 
     def pending_count(self):
         try:
@@ -1123,7 +1134,7 @@ class TaskStore:
             known = self._done(callback.task_id)
             if known:
                 return "duplicate", known
-            record = new_record(callback)
+            record = new_record(callback, self.hooks)
             if self._create(callback.task_id, record):
                 return "received", record
             return self._accept_again(callback)
@@ -1145,6 +1156,8 @@ class TaskStore:
             raise
         if record["status"] == PENDING:
             self._mark(task_id)
+        if hook_state(record) == PENDING:
+            self._mark(task_id, HOOK_PREFIX)
         Platform.fsync_dir(self.root)
         return True
 
@@ -1166,7 +1179,7 @@ class TaskStore:
             record = self._read_or_set_aside(task_id)
             if record is None:                  # a folder without a record: start it anew
                 self._sweep(task_id)
-                record = new_record(callback)
+                record = new_record(callback, self.hooks)
             elif record["status"] == FAILED and callback.code == 200:
                 reopen_record(record, callback)
             else:
@@ -1174,6 +1187,8 @@ class TaskStore:
                 # failed: make what we are about to report durable ourselves.
                 if record["status"] == PENDING:
                     self._mark(task_id)
+                if hook_state(record) == PENDING:       # a crash before its marker was made
+                    self._mark(task_id, HOOK_PREFIX)
                 Platform.fsync_dir(self.task_dir(task_id))
                 Platform.fsync_dir(self.root)
                 return "duplicate", record
@@ -1222,7 +1237,7 @@ class TaskStore:
             if abort.wait(CLAIM_POLL):
                 raise Aborted("stopping")
         try:
-            record = self._read_noting(task_id)
+            record = self.read_or_none(task_id)
             if record is None or index not in missing_images(record):
                 yield None
                 return
@@ -1277,6 +1292,7 @@ class TaskStore:
             failed = [e for e in record["errors"] if e]
             record["status"] = FAILED if failed else DONE
             record["error"] = "; ".join(failed) if failed else None
+            record["hook"] = new_hook() if self.hooks else None
             return record["status"]
         return self._update(task_id, index, change)
 
@@ -1286,6 +1302,38 @@ class TaskStore:
             record["tries"][index], record["lastError"][index] = tries, reason
             record["nextTryAt"][index] = utc_now(due)
         self._update(task_id, index, change)
+
+    # -- the hand-off ------------------------------------------------------------
+
+    def update_hook(self, task_id, **fields):
+        """Record one hook run (or a retry --hook) in the task's record. Returns
+        the new hook, or None when the task has no hook to run any more."""
+        with self._locked(task_id):
+            record = self.read_or_none(task_id)
+            if record is None or not record.get("hook"):
+                return None
+            record["hook"].update(fields)
+            self._write(task_id, record)
+            if record["hook"]["status"] == DONE:
+                self._unmark(task_id, HOOK_PREFIX)
+            return record["hook"]
+
+    def hook_work(self, known=()):
+        """(hooks to run as [(taskId, due, endedAt, tries)] in unix times,
+        taskIds whose hook failed), from the hook markers."""
+        work, failed = [], set()
+        for task_id in self.pending_ids(prefix=HOOK_PREFIX):
+            record = None if task_id in known else self.read_or_none(task_id)
+            state = hook_state(record) if record else None
+            if state == PENDING:
+                hook = record["hook"]
+                work.append((task_id, parse_utc(hook["nextTryAt"]) or 0.0,
+                             parse_utc(hook["endedAt"]) or 0.0, hook["tries"]))
+            elif state == FAILED:
+                failed.add(task_id)
+            elif record is not None:            # done, or reopened since
+                self._unmark(task_id, HOOK_PREFIX)
+        return work, failed
 
     # -- start-up --------------------------------------------------------------
 
@@ -1362,7 +1410,8 @@ class TaskStore:
             raise CorruptRecord("the task folder is not a folder", whole_folder=True)
         return path
 
-    def _read_noting(self, task_id):
+    def read_or_none(self, task_id):
+        """read(), a corrupt record noted and taken as none."""
         try:
             return self.read(task_id)
         except CorruptRecord as exc:
@@ -1371,12 +1420,16 @@ class TaskStore:
 
     def _update(self, task_id, index, change):
         with self._locked(task_id):
-            record = self._read_noting(task_id)
+            record = self.read_or_none(task_id)
             if record is None or record["status"] != PENDING or index >= len(record["files"]):
                 return None
             ended = change(record)
+            if ended and record["hook"]:        # the hand-off's marker before the write
+                self._mark(task_id, HOOK_PREFIX)
             self._write(task_id, record)
             if ended:
+                if record["hook"]:
+                    Platform.fsync_dir(self.root)   # durable before the other marker goes
                 self._unmark(task_id)
             return ended
 
@@ -1384,10 +1437,15 @@ class TaskStore:
         """_write() a record that a callback or retry changed. The marker comes
         first, so a crash mid-write leaves a task that start-up sweeps; it
         stays only while the task is pending."""
+        handing_off = hook_state(record) == PENDING       # a failure callback ended it
         self._mark(task_id)
+        if handing_off:
+            self._mark(task_id, HOOK_PREFIX)
         self._write(task_id, record)
         if record["status"] != PENDING:
             self._unmark(task_id)
+        if not handing_off and self.hooks:      # reopened: its old hand-off is moot
+            self._unmark(task_id, HOOK_PREFIX)
         Platform.fsync_dir(self.root)
 
     def _locked(self, task_id):
@@ -1433,14 +1491,14 @@ class TaskStore:
             raise
         Platform.fsync_dir(path)
 
-    def _mark(self, task_id):
+    def _mark(self, task_id, prefix=PENDING_PREFIX):
         """The caller fsyncs <dir>, which makes the marker durable."""
-        os.close(Platform.open_here(os.path.join(self.root, PENDING_PREFIX + task_id),
+        os.close(Platform.open_here(os.path.join(self.root, prefix + task_id),
                                     os.O_WRONLY | os.O_CREAT))
 
-    def _unmark(self, task_id):
+    def _unmark(self, task_id, prefix=PENDING_PREFIX):
         with contextlib.suppress(FileNotFoundError):
-            remove_entry(os.path.join(self.root, PENDING_PREFIX + task_id))
+            remove_entry(os.path.join(self.root, prefix + task_id))
 
     def _migrate_legacy_index(self):
         """1.0 kept <dir>/.pending/<taskId>: turn it into markers."""
@@ -1460,7 +1518,7 @@ class TaskStore:
 
 def open_store(config):
     """The store for --dir, created and proven writable, or a UsageError."""
-    store = TaskStore(config.dir)
+    store = TaskStore(config.dir, hooks=bool(config.on_complete))
     try:
         store.prepare()
     except OSError as exc:
@@ -1485,7 +1543,9 @@ def encode_record(record):
     return (json.dumps(record) + "\n").encode("utf-8")     # compact: json's C encoder
 
 
-def new_record(callback):
+def new_record(callback, hooks=False):
+    """The record of a first delivery; a failure callback ends its task, so
+    with hooks its hand-off is pending in the same write."""
     now = utc_now()
     ok = callback.code == 200
     count = len(callback.images)
@@ -1503,7 +1563,19 @@ def new_record(callback):
         "error": None if ok else "generation failed: code %d: %s" % (callback.code, callback.msg),
         "receivedAt": now,
         "updatedAt": now,
+        "hook": new_hook() if hooks and not ok else None,
     }
+
+
+def new_hook():
+    """The hand-off of a task that just ended, due now."""
+    return {"status": PENDING, "tries": 0, "lastExit": None, "lastError": None,
+            "nextTryAt": None, "endedAt": utc_now()}
+
+
+def hook_state(record):
+    hook = record.get("hook")
+    return hook.get("status") if isinstance(hook, dict) else None
 
 
 RECORD_FIELDS = {"taskId": str, "status": str, "code": int, "msg": str, "images": list,
@@ -1530,6 +1602,11 @@ def record_fields_problem(record, task_id):
         return "has an unknown status %s" % escape(record["status"], 20)
     if not isinstance(record.get("error"), (str, type(None))):
         return "has an error that is not text"
+    hook = record.get("hook")
+    if hook is not None and not (isinstance(hook, dict) and hook.get("status") in (
+            PENDING, DONE, FAILED) and isinstance(hook.get("tries"), int)
+            and isinstance(hook.get("endedAt"), str)):
+        return "has a malformed hook"
     return None
 
 
@@ -1570,7 +1647,7 @@ def reopen_record(record, callback):
         record.update(code=callback.code, msg=callback.msg)
     count = len(record["files"])
     record.update(status=PENDING, error=None, errors=[None] * count, tries=[0] * count,
-                  lastError=[None] * count, nextTryAt=[None] * count)
+                  lastError=[None] * count, nextTryAt=[None] * count, hook=None)
 
 
 def missing_images(record):
@@ -1978,6 +2055,66 @@ class QueuedImage:
         return self.task_id, self.index
 
 
+class DueHeap:
+    """Work due at monotonic times, taken in time order by worker threads:
+    the schedule that the download queue and the hook runner share. An item
+    (with .key and .due) is queued once; take() moves it to running, and
+    finish() puts it back when it is due again. One condition wakes takers
+    (new work, stopping) and waiters (work finished)."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.lock = threading.Condition()
+        self.queued, self.running = {}, {}          # key -> item
+        self._heap, self._serial, self.stopping = [], itertools.count(), False
+
+    def add(self, item):
+        """Queue item unless its key is queued or running (or stopping)."""
+        with self.lock:
+            if item.key in self.queued or item.key in self.running or self.stopping:
+                return False
+            self._push(item)
+            return True
+
+    def take(self):
+        """The next due item, waiting for it; None once stopping."""
+        with self.lock:
+            while not self.stopping:
+                now = self.clock.mono()
+                if self._heap and self._heap[0][0] <= now:
+                    item = heapq.heappop(self._heap)[2]
+                    del self.queued[item.key]
+                    self.running[item.key] = item
+                    return item
+                self.lock.wait(self._heap[0][0] - now if self._heap else None)
+            return None
+
+    def finish(self, item, again):
+        with self.lock:
+            del self.running[item.key]
+            if again and not self.stopping:
+                self._push(item)
+            self.lock.notify_all()
+
+    def keys(self):
+        with self.lock:
+            return set(self.queued) | set(self.running)
+
+    def wait(self, predicate, timeout=None):
+        with self.lock:
+            return self.lock.wait_for(predicate, timeout)
+
+    def stop(self):
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+
+    def _push(self, item):
+        self.queued[item.key] = item
+        heapq.heappush(self._heap, (item.due, next(self._serial), item))
+        self.lock.notify_all()
+
+
 class DownloadQueue:
     """Worker threads fed images from a heap ordered by due time, so an image
     waiting for its next try holds no thread. An image is never queued twice;
@@ -1992,13 +2129,8 @@ class DownloadQueue:
         self.on_task_end, self.retry_later, self.clock = on_task_end, retry_later, clock
         self.backoff = Backoff(config.backoff_base, config.max_backoff)
         self.abort = AbortSignal()
-        self._changed = threading.Condition()
-        self._heap = []               # (due, serial, QueuedImage): the images waiting to run
-        self._queued = {}             # key -> QueuedImage for every image in the heap
-        self._running = {}
+        self.due = DueHeap(clock)
         self._stuck = set()           # ended, but task.json could not say so: left pending
-        self._serial = itertools.count()
-        self._stopping = False
         self._threads = [threading.Thread(target=self._work, name="download-%d" % n, daemon=True)
                          for n in range(config.workers)]
 
@@ -2009,76 +2141,50 @@ class DownloadQueue:
     def put(self, jobs):
         """Queue pending_jobs(); an image already queued or running stays as it is."""
         wall, mono = self.clock.wall(), self.clock.mono()
-        with self._changed:
-            for task_id, index, due, tries, received in jobs:
-                key = (task_id, index)
-                if key in self._queued or key in self._running or self._stopping:
-                    continue
-                self._stuck.discard(key)
-                self._push(QueuedImage(task_id, index, self._from_wall(due, wall, mono),
-                                       mono + received + self.config.retry_for - wall, tries))
+        for task_id, index, due, tries, received in jobs:
+            if self.due.add(QueuedImage(task_id, index, self._from_wall(due, wall, mono),
+                                        mono + received + self.config.retry_for - wall, tries)):
+                with self.due.lock:
+                    self._stuck.discard((task_id, index))
 
     def _from_wall(self, due, wall, mono):
         return mono + min(max(0.0, due - wall), self.config.max_backoff)
 
     @property
     def in_flight(self):
-        return len(self._running)
+        return len(self.due.running)
 
     def waiting(self):
         """Images waiting for a later try."""
         now = self.clock.mono()
-        with self._changed:
-            return sum(1 for item in self._queued.values() if item.due > now)
+        with self.due.lock:
+            return sum(1 for item in self.due.queued.values() if item.due > now)
 
     def tasks(self):
         """Tasks this queue holds or gave up recording: a rescan leaves them be."""
-        with self._changed:
-            return {key[0] for key in itertools.chain(self._queued, self._running, self._stuck)}
+        with self.due.lock:
+            return {key[0] for key in self.due.keys() | self._stuck}
 
     def alive(self):
         return all(thread.is_alive() for thread in self._threads)
 
     def wait_task(self, task_id, timeout=None):
         """Block until no image of task_id is queued or running."""
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: all(key[0] != task_id for key in itertools.chain(
-                    self._queued, self._running)), timeout)
+        return self.due.wait(lambda: all(key[0] != task_id for key in self.due.keys()), timeout)
 
     def stop(self, drain_seconds):
         """Take no new jobs, give running ones drain_seconds, abort the rest;
         what is left stays pending on disk."""
-        with self._changed:
-            self._stopping = True
-            self._changed.notify_all()
-            self._changed.wait_for(lambda: not self._running, drain_seconds)
+        self.due.stop()
+        self.due.wait(lambda: not self.due.running, drain_seconds)
         self.abort.fire()
         deadline = time.monotonic() + 5
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _push(self, item):
-        self._queued[item.key] = item
-        heapq.heappush(self._heap, (item.due, next(self._serial), item))
-        self._changed.notify_all()
-
-    def _take(self):
-        """The next due image, waiting for it; None once stopping."""
-        with self._changed:
-            while not self._stopping:
-                now = self.clock.mono()
-                if self._heap and self._heap[0][0] <= now:
-                    item = heapq.heappop(self._heap)[2]
-                    del self._queued[item.key]
-                    self._running[item.key] = item
-                    return item
-                self._changed.wait(self._heap[0][0] - now if self._heap else None)
-            return None
-
     def _work(self):
         while True:
-            item = self._take()
+            item = self.due.take()
             if item is None:
                 return
             again = False
@@ -2092,11 +2198,7 @@ class DownloadQueue:
                               item.index + 1)
                 item.due, again = self.clock.mono() + self.backoff.delay(5), True
             finally:
-                with self._changed:
-                    del self._running[item.key]
-                    if again and self.retry_later and not self._stopping:
-                        self._push(item)
-                    self._changed.notify_all()
+                self.due.finish(item, again and self.retry_later)
 
     def _download(self, item):
         """One try at one image. True: queue it again, at item.due."""
@@ -2165,7 +2267,7 @@ class DownloadQueue:
         except OSError as exc:
             self._record_failed(item, exc, "the image stays pending on disk until a restart "
                                            "or a new delivery")
-            with self._changed:
+            with self.due.lock:
                 self._stuck.add(item.key)
             return False
         self.end_task(item.task_id, ended)
@@ -2184,13 +2286,34 @@ class DownloadQueue:
             self.on_task_end(task_id, status)
 
 
-class HookRunner:
-    """Runs --on-complete, one process at a time, never through a shell. Its
-    output goes to the log as hook-output lines (HookOutput), never raw."""
+@dataclasses.dataclass
+class QueuedHook:
+    """One task's hand-off in the HookRunner; its times are monotonic."""
+    task_id: str
+    due: float
+    deadline: float         # --hook-retry-for after the task ended
+    tries: int
 
-    def __init__(self, argv, store, timeout):
-        self.argv, self.store, self.timeout = argv, store, timeout
-        self._jobs = queue.Queue()
+    @property
+    def key(self):
+        return self.task_id
+
+
+class HookRunner:
+    """Hands each ended task to --on-complete at least once: runs are due on
+    a heap (the download schedule's curve), one process at a time, never
+    through a shell, and each outcome is written to task.json, so a restart
+    (also after kill -9) runs every pending hook at its time. A failing hook
+    goes back in at its next try and never holds back others that are due.
+    Its output goes to the log as hook-output lines (HookOutput), never raw."""
+
+    def __init__(self, config, store, clock=Clock, retry_later=True):
+        self.argv, self.store, self.clock = config.on_complete, store, clock
+        self.timeout, self.retry_for = config.hook_timeout, config.hook_retry_for
+        self.backoff = Backoff(config.backoff_base, config.max_backoff)
+        self.retry_later = retry_later
+        self.failed = set()               # taskIds whose hook failed for good
+        self.due = DueHeap(clock)
         self._current = None
         self._thread = threading.Thread(target=self._work, name="hook", daemon=True)
         # Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which
@@ -2202,14 +2325,33 @@ class HookRunner:
         if self.argv:
             self._thread.start()
 
-    def submit(self, task_id, status):
-        if self.argv:
-            self._jobs.put((task_id, status))
+    def submit(self, task_id, status=None):
+        """A task just ended: its hook is due now."""
+        self.put([(task_id, 0.0, self.clock.wall(), 0)])
+
+    def put(self, jobs):
+        """Queue (taskId, due, endedAt, tries) hand-offs, times in unix seconds."""
+        if not self.argv:
+            return
+        wall, mono = self.clock.wall(), self.clock.mono()
+        for task_id, due, ended, tries in jobs:
+            if self.due.add(QueuedHook(task_id, mono + min(max(0.0, due - wall), self.backoff.cap),
+                                       mono + ended + self.retry_for - wall, tries)):
+                self.failed.discard(task_id)
+
+    def pending(self):
+        return len(self.due.keys())
+
+    def tasks(self):
+        return self.due.keys()
+
+    def wait_task(self, task_id, timeout=None):
+        return self.due.wait(lambda: task_id not in self.due.keys(), timeout)
 
     def stop(self, seconds):
         if not self.argv:
             return
-        self._jobs.put(None)
+        self.due.stop()
         self._thread.join(seconds)
         process = self._current
         if process is not None and process.poll() is None:
@@ -2219,18 +2361,49 @@ class HookRunner:
 
     def _work(self):
         while True:
-            job = self._jobs.get()
-            if job is None:
+            item = self.due.take()
+            if item is None:
                 return
+            again = False
             try:
-                self._run(*job)
-            except Exception:            # thread boundary
-                LOG.exception("hook crashed task=%s", escape(job[0]))
+                again = self._hand_off(item)
+            except Exception:            # thread boundary: log; the record keeps it pending
+                LOG.exception("hook crashed task=%s", escape(item.task_id))
+            finally:
+                self.due.finish(item, again and self.retry_later)
 
-    def _run(self, task_id, status):
+    def _hand_off(self, item):
+        """One run of the hook for one task. True: run it again at item.due."""
+        record = self.store.read_or_none(item.task_id)
+        if record is None or hook_state(record) != PENDING:
+            return False
+        item.tries += 1
+        code, reason = self._run(item.task_id, record, item.tries)
+        if code == 0:
+            self.store.update_hook(item.task_id, status=DONE, tries=item.tries, lastExit=0,
+                                   lastError=None, nextTryAt=None)
+            return False
+        delay = self.backoff.delay(item.tries)
+        if self.clock.mono() + delay > item.deadline:
+            self.store.update_hook(item.task_id, status=FAILED, tries=item.tries, lastExit=code,
+                                   lastError="%s (after %d tries; --hook-retry-for ran out)"
+                                   % (reason, item.tries), nextTryAt=None)
+            with self.due.lock:
+                self.failed.add(item.task_id)
+            log_event("hook-gave-up", item.task_id, logging.ERROR, tries=item.tries, reason=reason)
+            return False
+        item.due = self.clock.mono() + delay
+        self.store.update_hook(item.task_id, tries=item.tries, lastExit=code, lastError=reason,
+                               nextTryAt=utc_now(self.clock.wall() + delay))
+        return True
+
+    def _run(self, task_id, record, tries):
+        """Run the hook once: (exit status or None, why it failed or None)."""
         env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
         run = "%s%d" % (self._marker, next(self._runs))
-        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=status)
+        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=record["status"],
+                   COVER_PARENT_TASK_ID=str(record.get("parentTaskId") or ""),
+                   COVER_HOOK_TRY=str(tries))
         env[HOOK_RUN_ENV] = run.split("=", 1)[1]
         started = time.monotonic()
         try:
@@ -2239,8 +2412,8 @@ class HookRunner:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 **Platform.new_process_group())
         except OSError as exc:
-            log_event("hook-failed", task_id, logging.WARNING, reason=exc)
-            return
+            log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
+            return None, "cannot start: %s" % os_reason(exc)
         output = HookOutput(self._current.stdout)
         try:
             code = self._current.wait(self.timeout)
@@ -2254,10 +2427,11 @@ class HookRunner:
         output.log(task_id)
         if code is None:
             log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
-                      note="killed")
-        else:
-            log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
-                      status=code, ms=int((time.monotonic() - started) * 1000))
+                      note="killed", attempt=tries)
+            return None, "timed out after %g s" % self.timeout
+        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
+                  status=code, ms=int((time.monotonic() - started) * 1000), attempt=tries)
+        return code, None if code == 0 else "exit status %d" % code
 
 
 class HookOutput:
@@ -2852,7 +3026,7 @@ class Receiver:
         except UsageError:
             self.server.server_close()
             raise
-        self.hooks = HookRunner(config.on_complete, self.store, config.hook_timeout)
+        self.hooks = HookRunner(config, self.store, clock)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
                                    self.metrics, self._task_ended, clock=clock)
         self.notifier = SystemdNotifier(env)
@@ -2882,6 +3056,7 @@ class Receiver:
         for task_id, images in collections.Counter(job[0] for job in work).items():
             log_event("resume", task_id, images=images)
         self.queue.put(work)
+        self._take_hooks()
         self._thread.start()
         self._log_listening(len(work))
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
@@ -2920,10 +3095,18 @@ class Receiver:
             self.next_rescan = now + self.config.rescan_seconds
             try:
                 self.queue.put(self.store.pending_work(known=self.queue.tasks()))
+                self._take_hooks()
             except OSError as exc:
                 log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
             except Exception:       # the HTTP thread's boundary: it must go on serving
                 LOG.exception("rescan crashed")
+
+    def _take_hooks(self):
+        """Queue the hand-offs on disk that no hook run of ours holds."""
+        if self.config.on_complete:
+            work, failed = self.store.hook_work(known=self.hooks.tasks())
+            self.hooks.put(work)
+            self.hooks.failed = failed
 
     def healthy(self, within):
         return time.monotonic() - self.heartbeat < within and self.queue.alive()
@@ -2966,6 +3149,7 @@ class Receiver:
         return 200, {"status": "ok", "version": __version__,
                      "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
                      "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
+                     "hooksPending": self.hooks.pending(), "hooksFailed": len(self.hooks.failed),
                      "lastDownloadAt": utc_now(last) if last else None}
 
     def _probe_dir(self):
@@ -2987,6 +3171,9 @@ class Receiver:
         return self.metrics.render({
             "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
                               self.store.corrupt_count()),
+            "hooks_pending": ("Hand-offs (--on-complete) not yet done.", self.hooks.pending()),
+            "hooks_failed": ("Hand-offs that failed for good (retry --hook).",
+                             len(self.hooks.failed)),
             "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
             "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
             "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
@@ -3206,7 +3393,16 @@ def task_result(store, task_id):
 
 
 def task_reason(record):
-    """Why a task failed, or the last error and next try of a retrying one."""
+    """Why a task failed, or the last error and next try of a retrying one;
+    then how its hand-off stands, when it is not done."""
+    reason = image_reason(record)
+    if hook_state(record) in (PENDING, FAILED):
+        hook = "hook %s: %s" % (hook_state(record), hook_reason(record))
+        reason = "%s; %s" % (reason, hook) if reason else hook
+    return reason
+
+
+def image_reason(record):
     if record.get("status") in (FAILED, CORRUPT):
         return record.get("error") or ""
     retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
@@ -3255,6 +3451,8 @@ def run_retry(config, env):
     A passing failure leaves them pending with their next try on disk, where
     a running serve picks them up."""
     store = open_store(config)
+    if config.hook:
+        return retry_hooks(config, store)
     task_ids = config.task_ids or tuple(
         r["taskId"] for r in store.records() if r.get("status") == FAILED)
     if not task_ids:
@@ -3285,6 +3483,45 @@ def run_retry(config, env):
         words.append(word)
         print("%s %s: %s" % (task_id, word, detail), flush=True)
     return 0 if set(words) == {"done"} else 1
+
+
+def retry_hooks(config, store):
+    """retry --hook: the failed hooks of the named (or all) tasks, run once
+    more now, here. One line per task; 0 when every one ends done."""
+    task_ids = config.task_ids or tuple(sorted(store.hook_work()[1]))
+    if not task_ids:
+        print("no failed hooks in %s" % store.root)
+        return 0
+    hooks = HookRunner(config, store, retry_later=False)
+    hooks.start()
+    try:
+        for task_id in task_ids:
+            record = store.read_or_none(task_id)
+            if record is not None and hook_state(record) == FAILED:
+                hook = store.update_hook(task_id, status=PENDING, nextTryAt=None)
+                hooks.put([(task_id, 0.0, parse_utc(hook["endedAt"]) or 0.0, hook["tries"])])
+        for task_id in task_ids:
+            hooks.wait_task(task_id)
+    finally:
+        hooks.stop(0)
+    words = [print_hook_line(store, task_id) for task_id in task_ids]
+    return 0 if set(words) == {DONE} else 1
+
+
+def print_hook_line(store, task_id):
+    record = store.read_or_none(task_id)
+    state = hook_state(record) if record else None
+    detail = hook_reason(record) if state else "no hand-off recorded for this task"
+    print("%s hook %s: %s" % (task_id, state or "none", detail), flush=True)
+    return state
+
+
+def hook_reason(record):
+    hook = record.get("hook") if record else None
+    if not isinstance(hook, dict) or hook.get("status") == DONE:
+        return "done" if hook else ""
+    when = "; next try %s" % hook["nextTryAt"] if hook.get("nextTryAt") else ""
+    return "%s after %d tries%s" % (hook.get("lastError") or "not run yet", hook["tries"], when)
 
 
 def run_status(config, env):

@@ -2791,3 +2791,117 @@ def test_one_address_holding_the_cap_with_started_requests_yields_to_another(sta
     finally:
         for sock in flood:
             sock.close()
+
+
+# ---------------------------------------------------------------------------
+# The hand-off: --on-complete delivered at least once
+# ---------------------------------------------------------------------------
+
+def counting_hook(tmp_path, body="sys.exit(0)\n"):
+    """A hook that appends 'taskId try status' to runs.log, then runs body."""
+    runs = tmp_path / "runs.log"
+    script = hook_script(tmp_path, (
+        "with open(%r, 'a') as log:\n"
+        "    log.write('%%s %%s %%s\\n' %% (env['COVER_TASK_ID'], env['COVER_HOOK_TRY'],\n"
+        "                                env['COVER_TASK_STATUS']))\n" % str(runs)) + body)
+    return script, runs
+
+
+def runs_of(runs, task_id):
+    if not runs.exists():
+        return []
+    return [line.split()[1:] for line in runs.read_text().splitlines()
+            if line.split()[0] == task_id]
+
+
+def hook_of(folder, task_id, state):
+    return wait_for(lambda: ((record(folder, task_id) or {}).get("hook") or {}).get("status")
+                    == state and record(folder, task_id)["hook"], what="hook %s" % state)
+
+
+def test_a_failing_hook_is_retried_until_it_succeeds(start, cdn, tmp_path):
+    script, runs = counting_hook(tmp_path, "sys.exit(0 if env['COVER_HOOK_TRY'] == '3' else 1)\n")
+    receiver = start(*allow_loopback(), "--on-complete", script)
+    post(receiver.url, payload("h3", [cdn.route("/h3.png", ok(PNG))]))
+    hook = hook_of(receiver.dir, "h3", "done")
+    assert runs_of(runs, "h3") == [["1", "done"], ["2", "done"], ["3", "done"]]
+    assert (hook["tries"], hook["lastExit"]) == (3, 0)
+    assert healthz(receiver)["hooksPending"] == 0
+
+
+def test_a_failure_callback_hands_off_its_failed_task_too(start, tmp_path):
+    script, runs = counting_hook(tmp_path)
+    receiver = start("--on-complete", script)
+    post(receiver.url, payload("gen-failed", None, code=501, msg="no"))
+    hook_of(receiver.dir, "gen-failed", "done")
+    assert runs_of(runs, "gen-failed") == [["1", "failed"]]
+
+
+def test_a_hook_that_keeps_failing_ends_failed_after_hook_retry_for(start, cdn, tmp_path):
+    script, runs = counting_hook(tmp_path, "sys.exit(7)\n")
+    receiver = start(*allow_loopback(), "--on-complete", script, "--hook-retry-for", "0.5")
+    post(receiver.url, payload("hx", [cdn.route("/hx.png", ok(PNG))]))
+    hook = hook_of(receiver.dir, "hx", "failed")
+    assert hook["lastExit"] == 7 and "--hook-retry-for ran out" in hook["lastError"]
+    assert healthz(receiver)["hooksFailed"] == 1
+    assert metrics_of(receiver)["cover_receiver_hooks_failed"] == 1
+    code, lines, _ = status_lines(receiver.dir)
+    assert any(line.startswith("hx ") and "hook failed: exit status 7" in line for line in lines)
+    # Once the database is back: retry --hook runs it again now.
+    (tmp_path / "hook.py").write_text((tmp_path / "hook.py").read_text().replace(
+        "sys.exit(7)", "sys.exit(0)"))
+    result = run_cli("retry", "--hook", "hx", "--dir", receiver.dir, "--on-complete", script)
+    assert result.returncode == 0 and result.stdout.startswith("hx hook done")
+    assert record(receiver.dir, "hx")["hook"]["status"] == "done"
+
+
+def test_a_kill_9_while_a_hook_runs_never_loses_the_hand_off(tmp_path, cdn):
+    folder = tmp_path / "c"
+    script, runs = counting_hook(tmp_path, (            # the first run hangs until killed
+        "if not os.path.exists(%r):\n"
+        "    open(%r, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n" % (str(tmp_path / "hook.pid"), str(tmp_path / "hook.pid"))))
+    args = ["--port", "0", "--host", "127.0.0.1", "--dir", str(folder), "--allow-host", "127.0.0.1",
+            "--on-complete", script]
+    first = ReceiverProcess(args)
+    post(first.url, payload("k9", [cdn.route("/k9.png", ok(PNG))]))
+    hook_pid = int(wait_for(lambda: (tmp_path / "hook.pid").exists()
+                            and (tmp_path / "hook.pid").read_text(), what="the hook to run"))
+    first.proc.kill()
+    first.exit()
+    with contextlib.suppress(OSError):
+        os.kill(hook_pid, signal.SIGKILL if not WINDOWS else signal.SIGTERM)
+    second = ReceiverProcess(args)
+    try:
+        hook_of(str(folder), "k9", "done")
+    finally:
+        assert second.stop() == 0
+    # The killed run was never recorded: it runs again, as the same try.
+    assert runs_of(runs, "k9") == [["1", "done"], ["1", "done"]]
+
+
+def test_one_slow_failing_hook_does_not_hold_back_another_tasks_hook(start, cdn, tmp_path):
+    script, runs = counting_hook(tmp_path, (
+        "if env['COVER_TASK_ID'] == 'stuck':\n    time.sleep(30)\nsys.exit(0)\n"))
+    receiver = start(*allow_loopback(), "--on-complete", script, hook_timeout=0.5)
+    post(receiver.url, payload("stuck", [cdn.route("/s.png", ok(PNG))]))
+    wait_for(lambda: runs_of(runs, "stuck"), what="the stuck hook to start")
+    post(receiver.url, payload("fine", [cdn.route("/f.png", ok(PNG))]))
+    hook_of(receiver.dir, "fine", "done")
+    assert record(receiver.dir, "stuck")["hook"]["status"] == "pending"
+    assert len(runs_of(runs, "fine")) == 1
+
+
+def test_a_failure_callback_whose_hook_marker_a_crash_lost_gets_it_from_the_retry(start, tmp_path):
+    script, runs = counting_hook(tmp_path)
+    covers = tmp_path / "covers"
+    covers.mkdir()
+    stored = cr.new_record(cr.Callback("lost", 501, "no", ()), hooks=True)
+    (covers / "lost").mkdir()
+    (covers / "lost" / "task.json").write_bytes(cr.encode_record(stored))   # no .hook.lost
+    receiver = start("--on-complete", script)
+    assert post(receiver.url, payload("lost", None, code=501, msg="no"))[1]["status"] == "duplicate"
+    assert os.path.exists(str(covers / ".hook.lost"))
+    receiver.next_rescan = 0                       # the minute's rescan, now
+    hook_of(receiver.dir, "lost", "done")
+    assert runs_of(runs, "lost") == [["1", "failed"]]
