@@ -6,6 +6,7 @@ Usage:
     python3 cover_receiver.py [serve] [OPTIONS]           receive callbacks (default)
     python3 cover_receiver.py fetch TASKID... [OPTIONS]   poll the record-info API instead
     python3 cover_receiver.py retry [TASKID...] [OPTIONS] try failed images again now
+    python3 cover_receiver.py retry --hook [TASKID...]    run failed hooks again now
     python3 cover_receiver.py status [--dir D] [TASKID]   list tasks and why, or one record
 
 Give the API this callBackUrl:
@@ -19,7 +20,8 @@ the flag wins):
     --max-image-bytes 26214400  --max-body-bytes 1048576
     --allow-host HOST         (repeatable; env: comma-separated)
     --user-agent UA           --tls-cert PATH --tls-key PATH
-    --on-complete CMD         --drain-seconds 10      --max-connections 64
+    --on-complete CMD         --hook-retry-for 86400  (the hook runs at least once)
+    --drain-seconds 10        --max-connections 64
     --request-timeout 10      --hmac-key-file PATH    --token-file PATH
 
 A passing download failure is tried again after about 1 s, doubling up to
@@ -39,7 +41,7 @@ Exit status: 0 ok; 1 fetch/retry: a task did not end done; 2 bad usage or cannot
 start; 3 fetch: a task is still generating when --wait ran out.
 """
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 import argparse
 import base64
@@ -565,8 +567,9 @@ def build_parser():
                       "download its covers as a callback would. Exit 0 all done, 1 any\n"
                       "failed, 2 usage, 3 any still generating after --wait.",
              "retry": "Try the failed images of each TASKID (every failed task when none is\n"
-                      "named) again now, downloading them here. Exit 0 when every task\n"
-                      "ends done, else 1.",
+                      "named) again now, downloading them here; with --hook, run their\n"
+                      "failed hooks again instead. Exit 0 when every task (or hook) ends\n"
+                      "done, else 1.",
              "status": "List the tasks in --dir with why each failed or when it is tried\n"
                        "again, or print one task's record as JSON."}
     for command, text in helps.items():
