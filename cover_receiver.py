@@ -2071,6 +2071,12 @@ class DueHeap:
         self.queued, self.running = {}, {}          # key -> item
         self._heap, self._serial, self.stopping = [], itertools.count(), False
 
+    def from_wall(self, when, cap=None):
+        """A unix time read from disk as a monotonic one; with cap, never
+        further ahead than cap seconds (the wall clock may have stepped)."""
+        ahead = when - self.clock.wall()
+        return self.clock.mono() + (ahead if cap is None else min(max(0.0, ahead), cap))
+
     def add(self, item):
         """Queue item unless its key is queued or running (or stopping)."""
         with self.lock:
@@ -2143,15 +2149,12 @@ class DownloadQueue:
 
     def put(self, jobs):
         """Queue pending_jobs(); an image already queued or running stays as it is."""
-        wall, mono = self.clock.wall(), self.clock.mono()
+        cap, retry_for = self.config.max_backoff, self.config.retry_for
         for task_id, index, due, tries, received in jobs:
-            if self.due.add(QueuedImage(task_id, index, self._from_wall(due, wall, mono),
-                                        mono + received + self.config.retry_for - wall, tries)):
+            if self.due.add(QueuedImage(task_id, index, self.due.from_wall(due, cap),
+                                        self.due.from_wall(received + retry_for), tries)):
                 with self.due.lock:
                     self._stuck.discard((task_id, index))
-
-    def _from_wall(self, due, wall, mono):
-        return mono + min(max(0.0, due - wall), self.config.max_backoff)
 
     @property
     def in_flight(self):
@@ -2222,7 +2225,7 @@ class DownloadQueue:
                 return False
             if job.tries != item.tries:     # another process tried it since: keep its schedule
                 item.tries = job.tries
-                item.due = self._from_wall(job.due, self.clock.wall(), self.clock.mono())
+                item.due = self.due.from_wall(job.due, self.config.max_backoff)
                 return True
             started = time.monotonic()
             try:
@@ -2336,10 +2339,9 @@ class HookRunner:
         """Queue (taskId, due, endedAt, tries) hand-offs, times in unix seconds."""
         if not self.argv:
             return
-        wall, mono = self.clock.wall(), self.clock.mono()
         for task_id, due, ended, tries in jobs:
-            if self.due.add(QueuedHook(task_id, mono + min(max(0.0, due - wall), self.backoff.cap),
-                                       mono + ended + self.retry_for - wall, tries)):
+            if self.due.add(QueuedHook(task_id, self.due.from_wall(due, self.backoff.cap),
+                                       self.due.from_wall(ended + self.retry_for), tries)):
                 self.failed.discard(task_id)
 
     def pending(self):
