@@ -7,6 +7,7 @@ Usage:
     python3 cover_receiver.py fetch TASKID... [OPTIONS]   poll the record-info API instead
     python3 cover_receiver.py retry [TASKID...] [OPTIONS] try failed images again now
     python3 cover_receiver.py retry --hook [TASKID...]    run failed hooks again now
+        (both through the serve running on --dir, when there is one)
     python3 cover_receiver.py status [--dir D] [TASKID]   list tasks and why, or one record
 
 Give the API this callBackUrl:
@@ -51,6 +52,7 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import functools
 import hashlib
 import hmac
 import heapq
@@ -107,12 +109,16 @@ HOOK_OUTPUT_LINES = 20
 HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
 PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
+REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
 PENDING_PREFIX = ".pending."    # <dir>/.pending.<taskId>: index of unfinished tasks
 HOOK_PREFIX = ".hook."          # <dir>/.hook.<taskId>: a hook pending or failed
 NEW_PREFIX = ".new."            # <dir>/.new.<taskId>.<pid>.<n>: a task folder being built
 LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, present while held
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
+REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
+SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
+REQUEST_KINDS = ("images", "hook")
 MAX_LINGERING = 256             # refused connections drained at once; more are closed
 PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
@@ -448,6 +454,10 @@ class Option:
     commands: tuple = ("serve",)
     repeat: bool = False
     metavar: str = "N"
+    defaults: tuple = ()        # (command, default) pairs where a command differs
+
+    def default_for(self, command):
+        return dict(self.defaults).get(command, self.default)
 
 
 DOWNLOAD = ("serve", "fetch", "retry")
@@ -498,8 +508,9 @@ OPTIONS = (
            "record-info API base (kie.ai: https://api.kie.ai)", ("fetch",), metavar="URL"),
     Option("interval", "30", _seconds(0.01), "seconds between polls of a task", ("fetch",),
            metavar="SECONDS"),
-    Option("wait", "600", _seconds(0), "give up on a still-generating task after this",
-           ("fetch",), metavar="SECONDS"),
+    Option("wait", "600", _seconds(0), "fetch: give up on a still-generating task after "
+           "this; retry: wait this long for each task to end", ("fetch", "retry"),
+           metavar="SECONDS", defaults=(("retry", "60"),)),
 )
 
 
@@ -567,9 +578,10 @@ def build_parser():
                       "download its covers as a callback would. Exit 0 all done, 1 any\n"
                       "failed, 2 usage, 3 any still generating after --wait.",
              "retry": "Try the failed images of each TASKID (every failed task when none is\n"
-                      "named) again now, downloading them here; with --hook, run their\n"
-                      "failed hooks again instead. Exit 0 when every task (or hook) ends\n"
-                      "done, else 1.",
+                      "named) again now; with --hook, run their failed hooks again instead.\n"
+                      "A serve running on --dir does the work with its own settings and\n"
+                      "user; with none, retry does it here. Waits up to --wait for each\n"
+                      "task. Exit 0 when every task (or hook) ends done, else 1.",
              "status": "List the tasks in --dir with why each failed or when it is tried\n"
                        "again, or print one task's record as JSON."}
     for command, text in helps.items():
@@ -586,7 +598,8 @@ def build_parser():
                              help="run the failed hooks of these tasks again now, not their images")
         for opt in OPTIONS:
             if command in opt.commands:
-                default = "" if opt.default is None else " (default: %s)" % opt.default
+                default = opt.default_for(command)
+                default = "" if default is None else " (default: %s)" % default
                 sub.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
                                  help=opt.help + default, metavar=opt.metavar)
     return parser
@@ -630,7 +643,7 @@ def build_config(argv, env):
             raw = env[env_name].split(",") if opt.repeat else env[env_name]
             origin = "%s (from %s)" % (origin, env_name)
         if raw is None:
-            raw = opt.default
+            raw = opt.default_for(args.command)
         if raw is None:
             continue
         try:
@@ -648,8 +661,6 @@ def build_config(argv, env):
         values["token"] = token.decode("utf-8", "replace") if token else None
     if args.command == "retry":
         values["hook"] = args.hook
-        if args.hook and not values.get("on_complete"):
-            raise UsageError("retry --hook needs --on-complete (or COVER_RECEIVER_ON_COMPLETE)")
     if args.command in ("fetch", "retry", "status"):
         ids = args.task_ids if isinstance(args.task_ids, list) else [args.task_ids]
         for task_id in ids:
@@ -781,6 +792,7 @@ class Platform:
 
     STOP_SIGNALS = ((signal.SIGINT, signal.SIGBREAK) if WINDOWS     # Ctrl+C, Ctrl+Break
                     else (signal.SIGTERM, signal.SIGINT))
+    RELOAD_SIGNAL = getattr(signal, "SIGHUP", None)     # systemctl reload; none on Windows
     # A lock held elsewhere: EAGAIN from flock, EACCES or EDEADLOCK from
     # msvcrt.locking on Windows, and errno 0 from it under Wine.
     BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN, errno.EDEADLK) + ((0,) if WINDOWS else ())
@@ -1528,6 +1540,86 @@ def open_store(config):
         raise UsageError("--dir %s is not writable: %s"
                          % (config.dir, exc.strerror or exc)) from None
     return store
+
+
+def existing_store(config):
+    """The store for --dir of a command that only acts on tasks already there:
+    a misspelt --dir is a usage error, never a new empty folder."""
+    if not os.path.isdir(config.dir):
+        raise UsageError("--dir %s does not exist" % config.dir)
+    return open_store(config)
+
+
+class RequestBox:
+    """How retry hands work to a serve running on the same <dir>, on every
+    platform. serve holds <dir>/.locks/.serve locked while it runs (the OS
+    drops the lock with the process, also on kill -9), which is how retry
+    knows it is alive. retry then leaves one empty file per task in
+    <dir>/.requests, named <kind>.<taskId>; serve lists that folder, almost
+    always empty, five times a second (and at once on SIGHUP), does the work
+    with its own settings and as its own user, and removes the file. So
+    only serve writes task files, and they keep the service's owner."""
+
+    def __init__(self, store):
+        self.folder = os.path.join(store.root, REQUESTS_DIR)
+        self._lock = LockFile(os.path.join(store.locks, SERVE_LOCK))
+
+    def open(self):
+        """serve: make the folder and hold the lock (a second serve on the
+        same <dir> takes requests too, without the lock)."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(os.lstat(self.folder).st_mode):     # a link: never follow it
+                os.unlink(self.folder)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.folder)
+        if not self._lock.acquire(wait=False):
+            log_event("second-serve", level=logging.WARNING, dir=os.path.dirname(self.folder),
+                      note="another serve runs on this folder; both take its work")
+
+    def close(self):
+        if self._lock.fd is not None:
+            self._lock.release()
+
+    def serve_running(self):
+        """True when a serve holds the lock and has made the folder."""
+        probe = LockFile(self._lock.path)
+        if probe.acquire(wait=False):
+            probe.release()
+            return False
+        return os.path.isdir(self.folder)
+
+    def post(self, kind, task_id):
+        os.close(Platform.open_here(self._path(kind, task_id), os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def waiting(self, kind, task_id):
+        return os.path.lexists(self._path(kind, task_id))
+
+    def take(self):
+        """serve: the requests left, as (kind, taskId, done) where done()
+        removes the request once its work is in hand."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return []
+        taken = []
+        for name in names:
+            kind, _, task_id = name.partition(".")
+            done = functools.partial(self._remove, os.path.join(self.folder, name))
+            if kind in REQUEST_KINDS and TASK_ID_RE.fullmatch(task_id):
+                taken.append((kind, task_id, done))
+            else:
+                done()                  # not ours: never acted on
+        return taken
+
+    def _path(self, kind, task_id):
+        if not TASK_ID_RE.fullmatch(task_id):
+            raise BadCallback("bad taskId")
+        return os.path.join(self.folder, "%s.%s" % (kind, task_id))
+
+    @staticmethod
+    def _remove(path):
+        with contextlib.suppress(OSError):
+            remove_entry(path)
 
 
 def write_durably(path, data):
@@ -3016,7 +3108,7 @@ class Receiver:
         self.config, self.clock = config, clock
         self.metrics = Metrics()
         self.rejections = RejectionLog()
-        self.heartbeat = self.next_rescan = time.monotonic()
+        self.heartbeat = self.next_rescan = self.next_look = time.monotonic()
         self._probe_lock = threading.Lock()
         self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
         try:                            # listen first: a refused start creates nothing
@@ -3032,6 +3124,7 @@ class Receiver:
             self.server.server_close()
             raise
         self.hooks = HookRunner(config, self.store, clock)
+        self.requests = RequestBox(self.store)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
                                    self.metrics, self._task_ended, clock=clock)
         self.notifier = SystemdNotifier(env)
@@ -3056,6 +3149,7 @@ class Receiver:
 
     def start(self):
         work = self.store.recover()
+        self.requests.open()
         self.queue.start()
         self.hooks.start()
         for task_id, images in collections.Counter(job[0] for job in work).items():
@@ -3090,21 +3184,51 @@ class Receiver:
         self.queue.stop(max(0.0, deadline - time.monotonic()))
         self.hooks.stop(max(0.0, deadline - time.monotonic()))
         self.notifier.stop()
+        self.requests.close()
         log_event("stopped", pending=self.store.pending_count())
 
     def tick(self):
-        """From the server loop: a heartbeat for the watchdog, and now and then
-        a look for work that fetch or retry left pending on disk."""
+        """From the server loop: a heartbeat for the watchdog, a look for work
+        that retry handed over, and now and then (or at once after wake()) a
+        rescan for work that fetch or retry left pending on disk."""
         self.heartbeat = now = time.monotonic()
-        if now >= self.next_rescan:
-            self.next_rescan = now + self.config.rescan_seconds
-            try:
+        if now < self.next_look:
+            return
+        self.next_look = now + REQUEST_POLL
+        try:
+            self._take_requests()
+            if now >= self.next_rescan:
+                self.next_rescan = now + self.config.rescan_seconds
                 self.queue.put(self.store.pending_work(known=self.queue.tasks()))
                 self._take_hooks()
+        except OSError as exc:
+            log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
+        except Exception:       # the HTTP thread's boundary: it must go on serving
+            LOG.exception("rescan crashed")
+
+    def wake(self):
+        """SIGHUP (systemctl reload): rescan <dir> now; nothing is dropped."""
+        log_event("reload", note="looking at the folder for due work now")
+        self.next_rescan = self.next_look = 0.0
+
+    def _take_requests(self):
+        """Do what retry handed over, as this service: its settings, its user."""
+        for kind, task_id, done in self.requests.take():
+            log_event("retry-requested", task_id, kind=kind)
+            try:
+                if kind == "images":
+                    self.queue.put(retry_images_of(self.store, task_id))
+                elif self.config.on_complete:
+                    self.hooks.put(retry_hook_of(self.store, task_id))
+                else:
+                    log_event("retry-ignored", task_id, logging.WARNING,
+                              reason="this serve has no --on-complete to run")
+            except CorruptRecord as exc:
+                self.store.note_corrupt(task_id, exc)
             except OSError as exc:
-                log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
-            except Exception:       # the HTTP thread's boundary: it must go on serving
-                LOG.exception("rescan crashed")
+                log_event("retry-failed", task_id, logging.ERROR, reason=os_reason(exc))
+            finally:
+                done()
 
     def _take_hooks(self):
         """Queue the hand-offs on disk that no hook run of ours holds."""
@@ -3225,9 +3349,15 @@ def run_serve(config, env):
         signals.append(True)
     for signum in Platform.STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    reloads = []
+    if Platform.RELOAD_SIGNAL is not None:
+        signal.signal(Platform.RELOAD_SIGNAL, lambda *_: reloads.append(True))
     receiver.start()
     while not signals:
         time.sleep(0.2)             # a sleep lets Ctrl+C through on Windows
+        if reloads:
+            del reloads[:]
+            receiver.wake()
     receiver.stop()
     return 0
 
@@ -3455,65 +3585,125 @@ def run_fetch(config, env):
 
 
 def run_retry(config, env):
-    """Failed images of the named (or all failed) tasks, tried once more now.
-    A passing failure leaves them pending with their next try on disk, where
-    a running serve picks them up."""
-    store = open_store(config)
-    if config.hook:
-        return retry_hooks(config, store)
-    task_ids = config.task_ids or tuple(
-        r["taskId"] for r in store.records() if r.get("status") == FAILED)
+    """retry: the failed images (or, with --hook, failed hooks) of the named
+    tasks, or of every failed task, tried once more now: by the serve running
+    on <dir> when there is one (RequestBox), else here. A passing failure
+    leaves an image pending with its next try on disk, where serve picks it up."""
+    store = existing_store(config)
+    box = RequestBox(store)
+    through_serve = box.serve_running()
+    if config.hook and not (through_serve or config.on_complete):
+        raise UsageError("retry --hook with no serve running on --dir needs --on-complete "
+                         "(or COVER_RECEIVER_ON_COMPLETE)")
+    task_ids = config.task_ids or failed_tasks(store, config.hook)
     if not task_ids:
-        print("no failed tasks in %s" % store.root)
+        print("no failed %s in %s" % ("hooks" if config.hook else "tasks", store.root))
         return 0
-    downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None,
-                              retry_later=False)
-    downloads.start()
-    untouched = {}                  # taskId -> why retry leaves it as it is
+    settled = hook_settled if config.hook else images_settled
+    left = (hand_to_serve(box, config, store, task_ids, settled) if through_serve
+            else retry_here(config, store, task_ids))
+    if config.hook:
+        words = [print_hook_line(store, task_id) for task_id in task_ids]
+    else:
+        words = [print_task_line(store, task_id, left.get(task_id)) for task_id in task_ids]
+    return 0 if set(words) == {DONE} else 1
+
+
+def failed_tasks(store, hooks):
+    if hooks:
+        return tuple(sorted(store.hook_work()[1]))
+    return tuple(r["taskId"] for r in store.records() if r.get("status") == FAILED)
+
+
+def images_settled(record):
+    """retry's wait for a task's images is over: nothing of it is pending."""
+    return record is None or record.get("status") != PENDING
+
+
+def hook_settled(record):
+    return record is None or hook_state(record) != PENDING
+
+
+def left_to_schedule(store, task_id):
+    """Why retry leaves a task as it is (pending, not failed: its schedule
+    goes on), or None. Raises CorruptRecord."""
+    record = store.read(task_id)
+    if record is not None and record["status"] == PENDING:
+        return PENDING, "not failed, so left to its schedule: %s" % (
+            task_reason(record) or "its next try is due now")
+    return None
+
+
+def hand_to_serve(box, config, store, task_ids, settled):
+    """Post a request per task to the running serve and wait up to --wait
+    for each to settle. Returns {taskId: (word, detail)} for those it did not."""
+    kind = "hook" if config.hook else "images"
+    left = {}
+    for task_id in task_ids:
+        try:
+            why = None if config.hook else left_to_schedule(store, task_id)
+        except CorruptRecord as exc:
+            why = (CORRUPT, str(exc))
+        if why:
+            left[task_id] = why
+        else:
+            box.post(kind, task_id)
+    deadline = time.monotonic() + config.wait
+    for task_id in task_ids:
+        while task_id not in left and not (not box.waiting(kind, task_id)
+                                           and settled(store.read_or_none(task_id))):
+            if time.monotonic() >= deadline:
+                left[task_id] = (PENDING, "handed to the running serve; not ended within "
+                                 "--wait %g s (status %s shows how it goes)" % (config.wait, task_id))
+                break
+            time.sleep(REQUEST_POLL / 2)
+    return left
+
+
+def retry_here(config, store, task_ids):
+    """No serve runs: do the work in this process, with its own options."""
+    runner = (HookRunner(config, store, retry_later=False) if config.hook else
+              DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None,
+                            retry_later=False))
+    runner.start()
+    left, deadline = {}, time.monotonic() + config.wait
     try:
         for task_id in task_ids:
             try:
-                reopened, record = store.reopen_failed(task_id)
+                left[task_id] = None if config.hook else left_to_schedule(store, task_id)
+                if left[task_id] is None:
+                    runner.put(retry_hook_of(store, task_id) if config.hook
+                               else retry_images_of(store, task_id))
             except CorruptRecord as exc:
-                untouched[task_id] = (CORRUPT, str(exc))
-                continue
-            if record is not None and record["status"] == PENDING and not reopened:
-                untouched[task_id] = (PENDING, "not failed, so left to its schedule: %s" % (
-                    task_reason(record) or "its next try is due now"))
-            downloads.put(pending_jobs(record) if reopened else [])
+                left[task_id] = (CORRUPT, str(exc))
         for task_id in task_ids:
-            downloads.wait_task(task_id)
+            runner.wait_task(task_id, max(0.0, deadline - time.monotonic()))
     finally:
-        downloads.stop(0)
-    words = []
-    for task_id in task_ids:
-        word, detail = untouched.get(task_id) or task_result(store, task_id)
-        words.append(word)
-        print("%s %s: %s" % (task_id, word, detail), flush=True)
-    return 0 if set(words) == {"done"} else 1
+        runner.stop(0)
+    return {task_id: why for task_id, why in left.items() if why}
 
 
-def retry_hooks(config, store):
-    """retry --hook: the failed hooks of the named (or all) tasks, run once
-    more now, here. One line per task; 0 when every one ends done."""
-    task_ids = config.task_ids or tuple(sorted(store.hook_work()[1]))
-    if not task_ids:
-        print("no failed hooks in %s" % store.root)
-        return 0
-    hooks = HookRunner(config, store, retry_later=False)
-    hooks.start()
-    try:
-        for task_id in task_ids:
-            record = store.read_or_none(task_id)
-            if record is not None and hook_state(record) == FAILED:
-                hook = store.update_hook(task_id, status=PENDING, nextTryAt=None)
-                hooks.put([(task_id, 0.0, parse_utc(hook["endedAt"]) or 0.0, hook["tries"])])
-        for task_id in task_ids:
-            hooks.wait_task(task_id)
-    finally:
-        hooks.stop(0)
-    words = [print_hook_line(store, task_id) for task_id in task_ids]
-    return 0 if set(words) == {DONE} else 1
+def retry_images_of(store, task_id):
+    """retry's work on one task: its failed images made pending again, as
+    download jobs; [] when it is not failed. Raises CorruptRecord."""
+    reopened, record = store.reopen_failed(task_id)
+    return pending_jobs(record) if reopened else []
+
+
+def retry_hook_of(store, task_id):
+    """retry --hook's work on one task: a failed hook made due now, as a
+    HookRunner job; [] when its hook has not failed."""
+    record = store.read_or_none(task_id)
+    if record is None or hook_state(record) != FAILED:
+        return []
+    hook = store.update_hook(task_id, status=PENDING, nextTryAt=None)
+    return [(task_id, 0.0, parse_utc(hook["endedAt"]) or 0.0, hook["tries"])]
+
+
+def print_task_line(store, task_id, why=None):
+    word, detail = why or task_result(store, task_id)
+    print("%s %s: %s" % (task_id, word, detail), flush=True)
+    return word
 
 
 def print_hook_line(store, task_id):

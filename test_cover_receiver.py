@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -2905,3 +2906,130 @@ def test_a_failure_callback_whose_hook_marker_a_crash_lost_gets_it_from_the_retr
     receiver.next_rescan = 0                       # the minute's rescan, now
     hook_of(receiver.dir, "lost", "done")
     assert runs_of(runs, "lost") == [["1", "failed"]]
+
+
+# ---------------------------------------------------------------------------
+# Operator commands act through the running service
+# ---------------------------------------------------------------------------
+
+def serve_args(folder, *extra):
+    return ["--port", "0", "--host", "127.0.0.1", "--dir", str(folder)] + list(extra)
+
+
+def test_retry_hands_the_work_to_a_running_serve_whose_settings_apply(tmp_path, cdn):
+    folder = tmp_path / "c"
+    serve = ReceiverProcess(serve_args(folder, "--allow-host", "127.0.0.1"))
+    try:
+        url = cdn.route("/r.png", status(404), ok(PNG))
+        post(serve.url, payload("handed", [url]))
+        wait_status(str(folder), "handed", "failed")
+        # retry names none of serve's options: alone it would refuse http://127.0.0.1.
+        result = run_cli("retry", "handed", "--dir", str(folder))
+        assert (result.returncode, result.stdout) == (0, "handed done: 1 covers in %s\n"
+                                                      % os.path.join(str(folder), "handed"))
+        assert read(os.path.join(str(folder), "handed", "cover_1.png")) == PNG
+        assert cdn.hits == {"/r.png": 2}
+        serve.wait_log(r"retry-requested task=handed kind=images")
+        assert os.listdir(str(folder / ".requests")) == []
+    finally:
+        assert serve.stop() == 0
+
+
+def test_retry_does_the_work_itself_once_the_serve_is_gone(tmp_path, cdn):
+    folder = tmp_path / "c"
+    serve = ReceiverProcess(serve_args(folder, "--allow-host", "127.0.0.1"))
+    post(serve.url, payload("orphan", [cdn.route("/o.png", status(404), ok(PNG))]))
+    wait_status(str(folder), "orphan", "failed")
+    serve.proc.kill()                                  # the OS drops serve's lock with it
+    serve.proc.wait(WAIT)
+    alone = run_cli("retry", "orphan", "--dir", str(folder))
+    assert alone.returncode == 1 and "only https URLs" in alone.stdout   # its own options apply
+    result = run_cli("retry", "orphan", "--dir", str(folder), "--allow-host", "127.0.0.1")
+    assert result.returncode == 0 and result.stdout.startswith("orphan done")
+
+
+def test_retry_through_serve_reports_a_task_not_ended_within_wait(start, cdn):
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("slow", [cdn.route("/slow.png", status(404), stall(PNG))]))
+    wait_status(receiver.dir, "slow", "failed")
+    result = run_cli("retry", "slow", "--dir", receiver.dir, "--wait", "0.5")
+    assert result.returncode == 1
+    assert result.stdout.startswith("slow pending: handed to the running serve; not ended "
+                                    "within --wait 0.5 s")
+    cdn.release.set()
+
+
+def test_retry_hook_through_serve_needs_no_on_complete_of_its_own(start, cdn, tmp_path):
+    script, runs = counting_hook(tmp_path, "sys.exit(int(open(%r).read()))\n"
+                                 % str(tmp_path / "exit"))
+    (tmp_path / "exit").write_text("3")
+    receiver = start(*allow_loopback(), "--on-complete", script, "--hook-retry-for", "0")
+    post(receiver.url, payload("hk", [cdn.route("/hk.png", ok(PNG))]))
+    hook_of(receiver.dir, "hk", "failed")
+    (tmp_path / "exit").write_text("0")
+    result = run_cli("retry", "--hook", "--dir", receiver.dir)
+    assert (result.returncode, result.stdout) == (0, "hk hook done: done\n")
+    assert runs_of(runs, "hk") == [["1", "done"], ["2", "done"]]
+
+
+def test_retry_on_a_dir_that_does_not_exist_is_a_usage_error(tmp_path):
+    result = run_cli("retry", "--dir", str(tmp_path / "typo"))
+    assert result.returncode == 2 and "--dir %s does not exist" % (tmp_path / "typo") in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def python_for(uid):
+    """An interpreter that uid can run (the one running the tests may sit
+    under /root, 0700, as a venv or pyenv does), or a skip."""
+    for python in (os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+                   "/usr/bin/python3", "/usr/local/bin/python3"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            if subprocess.run([python, "-c", "pass"], user=uid, timeout=WAIT).returncode == 0:
+                return python
+    pytest.skip("no Python here that uid %d may run" % uid)
+
+
+@pytest.mark.skipif(WINDOWS or os.geteuid() != 0, reason="switching users needs root on POSIX")
+def test_retry_from_a_root_shell_leaves_files_owned_by_the_service_user(cdn):
+    nobody = 65534
+    top = tempfile.mkdtemp(prefix="cover-owner-")     # pytest's tmp_path is root-only (0700)
+    try:
+        os.chmod(top, 0o755)
+        script = os.path.join(top, "cover_receiver.py")
+        shutil.copy(SCRIPT, script)
+        folder = os.path.join(top, "c")
+        os.mkdir(folder)
+        os.chown(folder, nobody, nobody)
+        args = serve_args(folder, "--allow-host", "127.0.0.1")
+        serve = ReceiverProcess(args, command=[python_for(nobody), script] + args,
+                                user=nobody, group=nobody, extra_groups=[])
+        try:
+            post(serve.url, payload("owned", [cdn.route("/w.png", status(404), ok(PNG))]))
+            wait_status(folder, "owned", "failed")
+            result = run_cli("retry", "owned", "--dir", folder)      # as root
+            assert result.returncode == 0, result.stdout + result.stderr
+            for name in ("cover_1.png", "task.json"):
+                assert os.stat(os.path.join(folder, "owned", name)).st_uid == nobody
+        finally:
+            assert serve.stop() == 0
+    finally:
+        shutil.rmtree(top)
+
+
+@posix_only
+def test_sighup_looks_at_the_folder_now_and_never_stops_serve(tmp_path, cdn):
+    folder = tmp_path / "c"
+    serve = ReceiverProcess(serve_args(folder, "--allow-host", "127.0.0.1"))
+    try:
+        serve.wait_log(r"listening")
+        # Work another process left due; the 60 s rescan is far away.
+        pending_on_disk(folder, "hup", cdn.route("/hup.png", ok(PNG)))
+        serve.signal(signal.SIGHUP)
+        serve.wait_log(r"reload ")
+        wait_status(str(folder), "hup", "done", timeout=5)
+        serve.signal(signal.SIGHUP)
+        wait_for(lambda: serve.text().count(" INFO reload ") == 2, what="the second reload")
+        assert serve.proc.poll() is None
+        assert post(serve.url, payload("hup"))[1]["status"] == "duplicate"
+    finally:
+        assert serve.stop() == 0

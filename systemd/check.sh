@@ -3,6 +3,7 @@
 # Debian rootfs, boot it with systemd-nspawn, install the receiver by running
 # the README's own install and socket blocks, then check READY=1, a callback
 # saved under StateDirectory= as the dynamic user, the hook in the sandbox,
+# systemctl reload, retry from a root shell handing its work to the service,
 # a watchdog restart after SIGSTOP, a draining stop with status 0, and socket
 # activation. Outside CI it skips with one line when no container can boot
 # here; in CI (CI=true) that is a failure. Everything is removed at exit.
@@ -132,7 +133,29 @@ wait_until 20 "the hook" test -s "$saved/hook-ran"
 ok "the hook ran in the sandbox: $(cat "$saved/hook-ran")"
 [ "$(post wrong "$body")" != "" ] || fail "no answer to a wrong token"
 
-# 3. A wedged process (SIGSTOP) is restarted by the watchdog.
+# 3. systemctl reload (SIGHUP) looks at the folder and keeps the process.
+pid=$(prop cover-receiver MainPID)
+inside systemctl reload cover-receiver
+wait_until 10 "the reload in the journal" journal_has "reload note="
+is_active && [ "$(prop cover-receiver MainPID)" = "$pid" ] || fail "reload stopped the service"
+ok "systemctl reload: rescan logged, same process (pid $pid)"
+
+# 4. retry from a root shell, with none of the unit's settings: the service does the
+#    work (its --allow-host), and the files belong to its dynamic user, not to root.
+post "$token" '{"code": 200, "msg": "success", "data": {"taskId": "check3", "images": ["http://127.0.0.1:8000/later.png"]}}' > /dev/null
+wait_until 20 "check3 to fail (404)" grep -q '"status": "failed"' "$rootfs/var/lib/private/cover-receiver/check3/task.json"
+cp "$rootfs/root/image/c.png" "$rootfs/root/image/later.png"          # the host is fixed
+answer=$(inside python3 /opt/cover-receiver/cover_receiver.py retry --dir /var/lib/cover-receiver check3) \
+    || fail "retry from a root shell: $answer"
+case "$answer" in "check3 done: 1 covers"*) ;; *) fail "retry answered: $answer";; esac
+retried=$rootfs/var/lib/private/cover-receiver/check3
+cmp -s "$retried/cover_1.png" "$rootfs/root/image/c.png" || fail "the retried cover is not byte-exact"
+[ "$(stat -c %u "$retried/cover_1.png")" = "$owner" ] && [ "$(stat -c %u "$retried/task.json")" = "$owner" ] \
+    || fail "retry left files owned by uid $(stat -c %u "$retried/cover_1.png"), not $owner"
+journal_has "retry-requested task=check3" || fail "the service did not take the retry"
+ok "retry from a root shell: done by the service, files owned by dynamic uid $owner"
+
+# 5. A wedged process (SIGSTOP) is restarted by the watchdog.
 mkdir -p "$rootfs/etc/systemd/system/cover-receiver.service.d"
 printf '[Service]\nWatchdogSec=3\n' > "$rootfs/etc/systemd/system/cover-receiver.service.d/check.conf"
 inside systemctl daemon-reload
@@ -150,14 +173,14 @@ ok "SIGSTOP: watchdog timeout, restarted (pid $before -> $(prop cover-receiver M
 rm -r "$rootfs/etc/systemd/system/cover-receiver.service.d"
 inside systemctl daemon-reload
 
-# 4. systemctl stop drains and exits 0.
+# 6. systemctl stop drains and exits 0.
 inside systemctl stop cover-receiver
 [ "$(prop cover-receiver Result)" = success ] && [ "$(prop cover-receiver ExecMainStatus)" = 0 ] \
     || fail "stop: Result=$(prop cover-receiver Result) status=$(prop cover-receiver ExecMainStatus)"
 journal_has "stopped pending=0" || fail "no drained stop in the journal"
 ok "systemctl stop: drained, exit status 0"
 
-# 5. Socket activation, by the README's socket block: the first POST starts the service.
+# 7. Socket activation, by the README's socket block: the first POST starts the service.
 inside systemctl start cover-receiver
 inside sh -ec "cd /root/src && . ./socket.sh" > "$work/socket.log" 2>&1 || { cat "$work/socket.log"; fail "the README's socket steps"; }
 [ "$(prop cover-receiver.socket ActiveState)" = active ] || fail "the socket is not listening"
