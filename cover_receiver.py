@@ -122,6 +122,10 @@ REQUEST_KINDS = ("images", "hook")
 MAX_LINGERING = 256             # refused connections drained at once; more are closed
 PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
+EXPECTED = "expected"           # recorded by expect/generate (or --confirm): no images yet
+UNFINISHED = (EXPECTED, PENDING)    # a task with a .pending.<taskId> marker
+API_GAP = 1.0                   # serve: seconds between two API requests (no burst, ever)
+CONFIRM_GRACE = 300.0           # --confirm: how long record-info may lag a success callback
 COVER_NAME = re.compile(r"cover_([1-9][0-9]?)\.(png|jpg|webp|gif)")
 # A DNS name as a resolver can take it (RFC 1035 2.3.4: labels of at most 63,
 # a name of at most 253 characters); "_" appears in real host names.
@@ -244,12 +248,17 @@ class CorruptRecord(ReceiverError):
 
 
 class ApiError(ReceiverError):
-    """The record-info API did not give a usable answer."""
+    """The vendor API did not give a usable answer. kind says what it asks
+    for: "passing" (try again later), "person" (a key, credits: someone must
+    act), "unknown" (no such task) or "refused" (any other answer)."""
 
-    def __init__(self, message, retryable, retry_after=None):
+    def __init__(self, message, kind, retry_after=None, answer=None):
         super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
+        self.kind, self.retry_after, self.answer = kind, retry_after, answer
+
+    @property
+    def retryable(self):
+        return self.kind == "passing"
 
 
 # ---------------------------------------------------------------------------
@@ -439,6 +448,28 @@ def _api_base(text):
     return text.rstrip("/")
 
 
+def _boolean(text):
+    word = text.strip().lower()
+    if word in ("1", "yes", "true", "on"):
+        return True
+    if word in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no (1/0, true/false, on/off), not %s" % escape(text, 20))
+
+
+def _task_id(text):
+    if not TASK_ID_RE.fullmatch(text):
+        raise ValueError("must match %s" % TASK_ID_RE.pattern)
+    return text
+
+
+def _callback_url(text):
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be the http:// or https:// URL the API will POST the callback to")
+    return text
+
+
 def _readable_file(text):
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise ValueError("%r is not a readable file" % text)
@@ -455,19 +486,22 @@ class Option:
     repeat: bool = False
     metavar: str = "N"
     defaults: tuple = ()        # (command, default) pairs where a command differs
+    flag: bool = False          # takes no value on the command line (env: yes/no)
 
     def default_for(self, command):
         return dict(self.defaults).get(command, self.default)
 
 
 DOWNLOAD = ("serve", "fetch", "retry")
+API = ("serve", "fetch", "generate")
 OPTIONS = (
     Option("host", "0.0.0.0", _text, "listen address (IPv6 literal allowed)", metavar="HOST"),
     Option("port", "3000", _int_range(0, 65535), "listen port (0: any free port)",
            metavar="PORT"),
     Option("path", "/suno-cover-callback", _callback_path, "the callback path", metavar="PATH"),
-    Option("dir", "./covers", _folder, "where tasks and covers live (serve, fetch and retry "
-           "create it)", ("serve", "fetch", "retry", "status"), metavar="DIR"),
+    Option("dir", "./covers", _folder, "where tasks and covers live (serve, fetch, expect and "
+           "generate create it)", ("serve", "fetch", "retry", "status", "expect", "generate"),
+           metavar="DIR"),
     Option("workers", "4", _int_range(1, 64), "downloads running at once", DOWNLOAD),
     Option("attempts", "0", _int_range(0, 100000), "tries per image before it fails for good "
            "(0: no limit but --retry-for)", DOWNLOAD),
@@ -476,17 +510,17 @@ OPTIONS = (
     Option("max-backoff", "600", _seconds(0.01, 86400), "longest wait between tries of one "
            "image (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
     Option("timeout", "30", _seconds(0.1, 3600), "seconds for one network step (connect, each read)",
-           DOWNLOAD, metavar="SECONDS"),
-    Option("min-rate", "1024", _int_range(0), "bytes/s: a download (or fetch's API answer) "
+           DOWNLOAD + ("generate",), metavar="SECONDS"),
+    Option("min-rate", "1024", _int_range(0), "bytes/s: a download (or an API answer) "
            "averaging less over any --timeout window is cut and tried again later (0: off)",
-           DOWNLOAD),
+           DOWNLOAD + ("generate",)),
     Option("max-image-bytes", "26214400", _int_range(1), "larger images are refused", DOWNLOAD),
     Option("max-body-bytes", "1048576", _int_range(1), "larger callbacks get 413"),
     Option("allow-host", None, _host_pattern,
            "download only from HOST (name, or *.domain for subdomains); repeatable; "
            "turns off the public-address check", DOWNLOAD, repeat=True, metavar="HOST"),
-    Option("user-agent", DEFAULT_USER_AGENT, _text, "User-Agent sent to image hosts", DOWNLOAD,
-           metavar="UA"),
+    Option("user-agent", DEFAULT_USER_AGENT, _text, "User-Agent sent to image hosts and the API",
+           DOWNLOAD + ("generate",), metavar="UA"),
     Option("hmac-key-file", None, _readable_file,
            "file holding the kie.ai signing key (or env COVER_RECEIVER_HMAC_KEY)", metavar="FILE"),
     Option("token-file", None, _readable_file,
@@ -505,9 +539,20 @@ OPTIONS = (
     Option("request-timeout", "10", _seconds(0.1, 3600), "seconds a client has to send its request",
            metavar="SECONDS"),
     Option("api-base", "https://api.sunoapi.org", _api_base,
-           "record-info API base (kie.ai: https://api.kie.ai)", ("fetch",), metavar="URL"),
-    Option("interval", "30", _seconds(0.01), "seconds between polls of a task", ("fetch",),
-           metavar="SECONDS"),
+           "the vendor API (kie.ai: https://api.kie.ai); serve uses it only with an API key",
+           API, metavar="URL"),
+    Option("api-key-file", None, _readable_file, "file holding the API key (or env "
+           "SUNO_API_KEY); turns on serve's recovery of expected tasks", API, metavar="FILE"),
+    Option("recover-after", "600", _seconds(0), "seconds after a task became expected, with "
+           "no callback, before serve asks record-info", metavar="SECONDS"),
+    Option("interval", "30", _seconds(0.01), "seconds between record-info polls of a task "
+           "still generating", ("serve", "fetch"), metavar="SECONDS"),
+    Option("confirm", "no", _boolean, "with an API key: take a success callback's images "
+           "from record-info, never from its body", flag=True, metavar="YES|NO"),
+    Option("parent", None, _task_id, "the music taskId the cover tasks belong to",
+           ("expect",), metavar="MUSIC_TASK_ID"),
+    Option("callback-url", None, _callback_url, "the callBackUrl the API is given (this "
+           "receiver's URL, with ?token=... when one is set)", ("generate",), metavar="URL"),
     Option("wait", "600", _seconds(0), "fetch: give up on a still-generating task after "
            "this; retry: wait this long for each task to end", ("fetch", "retry"),
            metavar="SECONDS", defaults=(("retry", "60"),)),
@@ -542,7 +587,11 @@ class Config:
     max_connections: int = None
     request_timeout: float = None
     api_base: str = None
+    recover_after: float = None
     interval: float = None
+    confirm: bool = False
+    parent: str = None
+    callback_url: str = None
     wait: float = None
     # Read from files or the environment, never argv:
     hmac_key: bytes = None
@@ -550,6 +599,7 @@ class Config:
     api_key: str = None
     task_ids: tuple = ()
     # Not on the command line: seams the tests turn down so they need no sleeps.
+    api_gap: float = API_GAP
     backoff_base: float = 1.0
     hook_timeout: float = HOOK_TIMEOUT
     rescan_seconds: float = RESCAN_SECONDS
@@ -572,7 +622,7 @@ def build_parser():
     parser = ArgumentParser(prog="cover_receiver.py", allow_abbrev=False, description=overview,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="cover_receiver " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,fetch,retry,status}")
+    commands = parser.add_subparsers(dest="command", metavar="{%s}" % ",".join(COMMANDS))
     helps = {"serve": overview,
              "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
                       "download its covers as a callback would. Exit 0 all done, 1 any\n"
@@ -583,13 +633,22 @@ def build_parser():
                       "user; with none, retry does it here. Waits up to --wait for each\n"
                       "task. Exit 0 when every task (or hook) ends done, else 1.",
              "status": "List the tasks in --dir with why each failed or when it is tried\n"
-                       "again, or print one task's record as JSON."}
+                       "again, or print one task's record as JSON.",
+             "expect": "Record each cover TASKID created elsewhere as expected, so that a\n"
+                       "callback that never comes is noticed (and, with an API key, serve\n"
+                       "recovers it from record-info). A known task is left as it is.",
+             "generate": "Create the cover task of each MUSIC_TASK_ID at the API (key in\n"
+                         "SUNO_API_KEY) with --callback-url, record it as expected, and\n"
+                         "print 'MUSIC_TASK_ID COVER_TASK_ID' per line. Exit 0 when every\n"
+                         "music task has a cover task, 1 when the API refused one."}
     for command, text in helps.items():
         sub = commands.add_parser(command, help=text.splitlines()[0], description=text,
                                   epilog=epilog, allow_abbrev=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        if command == "fetch":
+        if command in ("fetch", "expect"):
             sub.add_argument("task_ids", nargs="+", metavar="TASKID")
+        if command == "generate":
+            sub.add_argument("task_ids", nargs="+", metavar="MUSIC_TASK_ID")
         if command == "status":
             sub.add_argument("task_ids", nargs="?", metavar="TASKID")
         if command == "retry":
@@ -600,6 +659,10 @@ def build_parser():
             if command in opt.commands:
                 default = opt.default_for(command)
                 default = "" if default is None else " (default: %s)" % default
+                if opt.flag:
+                    sub.add_argument("--" + opt.name, action="store_const", const="yes",
+                                     help=opt.help + default)
+                    continue
                 sub.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
                                  help=opt.help + default, metavar=opt.metavar)
     return parser
@@ -629,10 +692,22 @@ def _read_secret(path, env, env_name, option):
 def build_config(argv, env):
     """Parse argv + env into a Config, or raise UsageError naming the option."""
     argv = list(argv)
-    if not argv or argv[0] not in ("serve", "fetch", "retry", "status", "--version"):
+    if not argv or argv[0] not in COMMANDS + ("--version",):
+        if argv and not argv[0].startswith("-"):
+            raise UsageError("unknown command %s: the commands are %s"
+                             % (escape(argv[0], 40), ", ".join(COMMANDS)))
         argv.insert(0, "serve")          # serve is the default subcommand
     args = build_parser().parse_args(argv)
-    values = {"command": args.command}
+    values = dict(option_values(args, env), command=args.command)
+    for extra in COMMAND_EXTRAS.get(args.command, ()):
+        extra(args, values, env)
+    return Config(**values)
+
+
+def option_values(args, env):
+    """Each option of the command from its flag, else COVER_RECEIVER_<NAME>,
+    else its default, parsed."""
+    values = {}
     for opt in OPTIONS:
         if args.command not in opt.commands:
             continue
@@ -651,27 +726,51 @@ def build_config(argv, env):
                             if opt.repeat else opt.parse(raw))
         except ValueError as exc:
             raise UsageError("%s: %s" % (origin, exc)) from None
-    if args.command == "serve":
-        if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
-            raise UsageError("--tls-cert and --tls-key go together")
-        values["hmac_key"] = _read_secret(values.pop("hmac_key_file", None), env,
-                                          ENV_PREFIX + "HMAC_KEY", "--hmac-key-file")
-        token = _read_secret(values.pop("token_file", None), env, ENV_PREFIX + "TOKEN",
-                             "--token-file")
-        values["token"] = token.decode("utf-8", "replace") if token else None
-    if args.command == "retry":
-        values["hook"] = args.hook
-    if args.command in ("fetch", "retry", "status"):
-        ids = args.task_ids if isinstance(args.task_ids, list) else [args.task_ids]
-        for task_id in ids:
-            if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
-                raise UsageError("TASKID %s: must match %s" % (escape(task_id), TASK_ID_RE.pattern))
-        values["task_ids"] = tuple(t for t in ids if t is not None)
-    if args.command == "fetch":
-        values["api_key"] = env.get("SUNO_API_KEY", "").strip() or None
-        if not values["api_key"]:
-            raise UsageError("SUNO_API_KEY is not set: fetch needs the API key in it")
-    return Config(**values)
+    return values
+
+
+def _serve_secrets(args, values, env):
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise UsageError("--tls-cert and --tls-key go together")
+    values["hmac_key"] = _read_secret(values.pop("hmac_key_file", None), env,
+                                      ENV_PREFIX + "HMAC_KEY", "--hmac-key-file")
+    token = _read_secret(values.pop("token_file", None), env, ENV_PREFIX + "TOKEN",
+                         "--token-file")
+    values["token"] = token.decode("utf-8", "replace") if token else None
+
+
+def _api_key(args, values, env):
+    key = _read_secret(values.pop("api_key_file", None), env, "SUNO_API_KEY", "--api-key-file")
+    values["api_key"] = key.decode("utf-8", "replace").strip() if key else None
+    if not values["api_key"] and args.command in ("fetch", "generate"):
+        raise UsageError("SUNO_API_KEY is not set: %s needs the API key in it (or "
+                         "--api-key-file)" % args.command)
+    if values.get("confirm") and not values["api_key"]:
+        raise UsageError("--confirm needs the API key: set SUNO_API_KEY or --api-key-file")
+
+
+def _task_ids(args, values, env):
+    ids = args.task_ids if isinstance(args.task_ids, list) else [args.task_ids]
+    for task_id in ids:
+        if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
+            raise UsageError("TASKID %s: must match %s" % (escape(task_id), TASK_ID_RE.pattern))
+    values["task_ids"] = tuple(t for t in ids if t is not None)
+
+
+def _retry_hook(args, values, env):
+    values["hook"] = args.hook
+
+
+def _needs_callback_url(args, values, env):
+    if not values.get("callback_url"):
+        raise UsageError("generate needs --callback-url URL: where the API posts the callback")
+
+
+COMMANDS = ("serve", "fetch", "retry", "status", "expect", "generate")
+COMMAND_EXTRAS = {"serve": (_serve_secrets, _api_key), "fetch": (_api_key, _task_ids),
+                  "retry": (_retry_hook, _task_ids), "status": (_task_ids,),
+                  "expect": (_task_ids,),
+                  "generate": (_api_key, _task_ids, _needs_callback_url)}
 
 
 # ---------------------------------------------------------------------------
@@ -684,6 +783,7 @@ class Callback:
     code: int
     msg: str
     images: tuple
+    source: str = "callback"        # or "record-info": where the image list came from
 
     @classmethod
     def from_json(cls, obj):
@@ -844,9 +944,12 @@ class Platform:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
-            os.close(fd)
+            except OSError:             # gone already, or <dir> was taken away under us
+                pass
+            finally:
+                os.close(fd)
 
     @staticmethod
     def fsync_dir(path):
@@ -1142,19 +1245,83 @@ class TaskStore:
 
     # -- accepting a callback ------------------------------------------------
 
-    def accept(self, callback):
+    def accept(self, callback, confirm=False):
         """Make callback durable. Returns ("received" | "duplicate", record).
+        With confirm, a success callback's task is held as expected for
+        record-info to confirm (_held); else it is delivered (_delivered).
         No answer may leave before what it reports is durable, on any path."""
         try:
             known = self._done(callback.task_id)
             if known:
                 return "duplicate", known
-            record = new_record(callback, self.hooks)
+            fresh = functools.partial(
+                self._held if confirm and callback.code == 200 else self._delivered, callback)
+            record = fresh(None)
             if self._create(callback.task_id, record):
                 return "received", record
-            return self._accept_again(callback)
+            return self._accept_again(callback.task_id, fresh)
         except OSError as exc:
             raise Unavailable("cannot record the task durably: %s" % os_reason(exc)) from exc
+
+    def _delivered(self, callback, record):
+        """The record a delivery makes of record (None: no task yet), or None
+        when it brings nothing new (a duplicate)."""
+        if record is None:
+            return new_record(callback, self.hooks)
+        if record["status"] == EXPECTED:
+            return new_record(callback, self.hooks, expected=record)
+        if record["status"] == FAILED and callback.code == 200:
+            reopen_record(record, callback)
+            return record
+        return None
+
+    @staticmethod
+    def _held(callback, record):
+        """--confirm: a success callback makes its task expected, due at
+        record-info now; the body's image list is never kept."""
+        now = time.time()
+        if record is None or record["status"] == FAILED:
+            held = new_expected_record(callback.task_id, (record or {}).get("parentTaskId"), now)
+            held["poll"] = new_poll(now)
+            return held
+        if record["status"] == EXPECTED and not record["poll"].get("confirmSince"):
+            record["poll"] = new_poll(now)
+            return record
+        return None
+
+    def expect(self, task_id, parent=None):
+        """Record a task created elsewhere as expected. Returns (created,
+        record); a known task is left as it is. Raises CorruptRecord."""
+        try:
+            record = self.read(task_id)
+            if record is None:
+                record = new_expected_record(task_id, parent)
+                if self._create(task_id, record):
+                    return True, record
+                record = self.read(task_id)
+            return False, record
+        except OSError as exc:
+            raise Unavailable("cannot record the task durably: %s" % os_reason(exc)) from exc
+
+    def note_poll(self, task_id, **fields):
+        """Keep an expected task's record-info schedule in its task.json."""
+        with self._locked(task_id):
+            record = self.read_or_none(task_id)
+            if record is None or record["status"] != EXPECTED:
+                return False
+            record["poll"].update(fields)
+            self._write(task_id, record)
+            return True
+
+    def end_expected(self, task_id, reason):
+        """An expected task that will get no images: failed, with its hand-off."""
+        with self._locked(task_id):
+            record = self.read_or_none(task_id)
+            if record is None or record["status"] != EXPECTED:
+                return None
+            record.update(status=FAILED, error=reason, hook=new_hook() if self.hooks else None)
+            self._write_marked(task_id, record)
+            return record
 
     def _create(self, task_id, record):
         """Two fsyncs: task.json in a hidden folder, then <dir> after the
@@ -1169,7 +1336,7 @@ class TaskStore:
             if os.path.lexists(path):
                 return False
             raise
-        if record["status"] == PENDING:
+        if record["status"] in UNFINISHED:
             self._mark(task_id)
         if hook_state(record) == PENDING:
             self._mark(task_id, HOOK_PREFIX)
@@ -1188,27 +1355,26 @@ class TaskStore:
             return None
         return record if record is not None and record["status"] == DONE else None
 
-    def _accept_again(self, callback):
-        task_id = callback.task_id
+    def _accept_again(self, task_id, fresh):
+        """A delivery for a task whose folder exists: fresh(record) is what
+        to write, or None for a duplicate."""
         with self._locked(task_id):
             record = self._read_or_set_aside(task_id)
             if record is None:                  # a folder without a record: start it anew
                 self._sweep(task_id)
-                record = new_record(callback, self.hooks)
-            elif record["status"] == FAILED and callback.code == 200:
-                reopen_record(record, callback)
-            else:
+            changed = fresh(record)
+            if changed is None:
                 # Another delivery may still be inside its fsync, or its fsync
                 # failed: make what we are about to report durable ourselves.
-                if record["status"] == PENDING:
+                if record["status"] in UNFINISHED:
                     self._mark(task_id)
                 if hook_state(record) == PENDING:       # a crash before its marker was made
                     self._mark(task_id, HOOK_PREFIX)
                 Platform.fsync_dir(self.task_dir(task_id))
                 Platform.fsync_dir(self.root)
                 return "duplicate", record
-            self._write_marked(task_id, record)
-            return "received", record
+            self._write_marked(task_id, changed)
+            return "received", changed
 
     def _read_or_set_aside(self, task_id):
         """read(), but a corrupt folder or record is moved aside (kept for the
@@ -1352,7 +1518,7 @@ class TaskStore:
 
     # -- start-up --------------------------------------------------------------
 
-    def recover(self):
+    def recover(self, expected=None):
         """Start-up sweep: remove what dead writers left (temp folders and
         files, lock files), migrate 1.0's index, and return the pending work
         as pending_jobs() gives it."""
@@ -1367,7 +1533,7 @@ class TaskStore:
         names += self._migrate_legacy_index()
         for task_id in self.pending_ids(names):
             self._never_fatal(task_id, self._sweep_locked, task_id)
-        return self.pending_work()
+        return self.pending_work(expected=expected)
 
     def _remove_stale_lock(self, name):
         lock = LockFile(os.path.join(self.locks, name))
@@ -1387,9 +1553,10 @@ class TaskStore:
         except OSError as exc:
             log_event("sweep-failed", level=logging.ERROR, entry=name, reason=os_reason(exc))
 
-    def pending_work(self, known=()):
-        """pending_jobs() of the pending tasks not in known; markers of tasks
-        that ended are removed, those of corrupt tasks kept."""
+    def pending_work(self, known=(), expected=None):
+        """pending_jobs() of the pending tasks not in known, and the records
+        of expected ones appended to expected; markers of tasks that ended
+        are removed, those of corrupt tasks kept."""
         work = []
         for task_id in self.pending_ids():
             if task_id in known:
@@ -1399,10 +1566,11 @@ class TaskStore:
             except CorruptRecord as exc:
                 self.note_corrupt(task_id, exc)
                 continue
-            if record is None or record["status"] != PENDING:
+            if record is None or record["status"] not in UNFINISHED:
                 self._unmark(task_id)
                 self._forget_corrupt(task_id)
-                continue
+            elif record["status"] == EXPECTED and expected is not None:
+                expected.append(record)
             work += pending_jobs(record)
         return work
 
@@ -1457,7 +1625,7 @@ class TaskStore:
         if handing_off:
             self._mark(task_id, HOOK_PREFIX)
         self._write(task_id, record)
-        if record["status"] != PENDING:
+        if record["status"] not in UNFINISHED:
             self._unmark(task_id)
         if not handing_off and self.hooks:      # reopened: its old hand-off is moot
             self._unmark(task_id, HOOK_PREFIX)
@@ -1638,9 +1806,10 @@ def encode_record(record):
     return (json.dumps(record) + "\n").encode("utf-8")     # compact: json's C encoder
 
 
-def new_record(callback, hooks=False):
-    """The record of a first delivery; a failure callback ends its task, so
-    with hooks its hand-off is pending in the same write."""
+def new_record(callback, hooks=False, expected=None):
+    """The record of a first delivery (for an expected task, its expectedAt
+    and parentTaskId kept); a failure callback ends its task, so with hooks
+    its hand-off is pending in the same write."""
     now = utc_now()
     ok = callback.code == 200
     count = len(callback.images)
@@ -1659,7 +1828,26 @@ def new_record(callback, hooks=False):
         "receivedAt": now,
         "updatedAt": now,
         "hook": new_hook() if hooks and not ok else None,
+        "source": callback.source,
+        "expectedAt": (expected or {}).get("expectedAt"),
+        "parentTaskId": (expected or {}).get("parentTaskId"),
     }
+
+
+def new_expected_record(task_id, parent=None, now=None):
+    """A task created elsewhere (expect, generate): no callback, no images yet."""
+    now = utc_now(now)
+    return {"taskId": task_id, "status": EXPECTED, "code": 0, "msg": "", "images": [],
+            "files": [], "error": None, "receivedAt": None, "updatedAt": now,
+            "expectedAt": now, "parentTaskId": parent, "source": None, "hook": None,
+            "poll": new_poll()}
+
+
+def new_poll(confirm_from=None):
+    """serve's record-info schedule for an expected task; with confirm_from
+    (the unix time a --confirm success callback came), due at once."""
+    return {"tries": 0, "nextPollAt": utc_now(confirm_from) if confirm_from else None,
+            "lastAnswer": None, "confirmSince": utc_now(confirm_from) if confirm_from else None}
 
 
 def new_hook():
@@ -1689,12 +1877,17 @@ def record_problem(record, task_id):
 
 def record_fields_problem(record, task_id):
     for key, kind in RECORD_FIELDS.items():
+        if key == "receivedAt" and record.get("status") == EXPECTED:
+            continue                    # no callback yet
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return "has no %s %s" % (kind.__name__, key)
     if record["taskId"] != task_id:
         return "names another task (%s)" % escape(record["taskId"], 40)
-    if record["status"] not in (PENDING, DONE, FAILED):
+    if record["status"] not in (PENDING, DONE, FAILED, EXPECTED):
         return "has an unknown status %s" % escape(record["status"], 20)
+    if record["status"] == EXPECTED and not (isinstance(record.get("expectedAt"), str)
+                                             and isinstance(record.get("poll"), dict)):
+        return "is expected but has no expectedAt or poll"
     if not isinstance(record.get("error"), (str, type(None))):
         return "has an error that is not text"
     hook = record.get("hook")
@@ -2098,6 +2291,11 @@ class Metrics:
         "downloaded_bytes_total": ("counter", "Bytes of covers saved.", ()),
         "connections_cut_total": ("counter", "Idle connections cut to make room at "
                                   "--max-connections.", ()),
+        "api_requests_total": ("counter", "serve's record-info requests, by outcome (ok, or "
+                               "the error's kind).", ("ok", "passing", "person", "unknown",
+                                                      "refused")),
+        "tasks_recovered_total": ("counter", "Expected tasks whose result came from "
+                                  "record-info, no callback needed.", ()),
     }
 
     def __init__(self):
@@ -2169,10 +2367,14 @@ class DueHeap:
         ahead = when - self.clock.wall()
         return self.clock.mono() + (ahead if cap is None else min(max(0.0, ahead), cap))
 
-    def add(self, item):
-        """Queue item unless its key is queued or running (or stopping)."""
+    def add(self, item, sooner=False):
+        """Queue item unless its key is queued or running (or stopping); with
+        sooner, a queued item of that key due later is replaced by it."""
         with self.lock:
-            if item.key in self.queued or item.key in self.running or self.stopping:
+            queued = self.queued.get(item.key)
+            if sooner and queued is not None and item.due < queued.due:
+                queued = None           # its heap entry is skipped when it comes up
+            if queued is not None or item.key in self.running or self.stopping:
                 return False
             self._push(item)
             return True
@@ -2184,6 +2386,8 @@ class DueHeap:
                 now = self.clock.mono()
                 if self._heap and self._heap[0][0] <= now:
                     item = heapq.heappop(self._heap)[2]
+                    if self.queued.get(item.key) is not item:
+                        continue                # replaced by a sooner one
                     del self.queued[item.key]
                     self.running[item.key] = item
                     return item
@@ -2251,6 +2455,15 @@ class DownloadQueue:
     @property
     def in_flight(self):
         return len(self.due.running)
+
+    def oldest_received(self):
+        """The unix time the oldest task with an image queued here was received."""
+        with self.due.lock:
+            items = list(self.due.queued.values()) + list(self.due.running.values())
+        if not items:
+            return None
+        return self.clock.wall() - (self.clock.mono() - min(i.deadline for i in items)
+                                    + self.config.retry_for)
 
     def waiting(self):
         """Images waiting for a later try."""
@@ -3125,6 +3338,8 @@ class Receiver:
             raise
         self.hooks = HookRunner(config, self.store, clock)
         self.requests = RequestBox(self.store)
+        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
+                                 self._deliver, self._end_task, self.metrics, self.store, clock)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
                                    self.metrics, self._task_ended, clock=clock)
         self.notifier = SystemdNotifier(env)
@@ -3148,10 +3363,13 @@ class Receiver:
                                  "[%s]" % host if ":" in host else host, port, self.config.path)
 
     def start(self):
-        work = self.store.recover()
+        expected = []
+        work = self.store.recover(expected)
         self.requests.open()
         self.queue.start()
         self.hooks.start()
+        self.recovery.start()
+        self.recovery.put(expected)
         for task_id, images in collections.Counter(job[0] for job in work).items():
             log_event("resume", task_id, images=images)
         self.queue.put(work)
@@ -3181,6 +3399,7 @@ class Receiver:
         self.notifier.send("STOPPING=1")
         self.server.shutdown()
         self.server.server_close()
+        self.recovery.stop()
         self.queue.stop(max(0.0, deadline - time.monotonic()))
         self.hooks.stop(max(0.0, deadline - time.monotonic()))
         self.notifier.stop()
@@ -3199,7 +3418,10 @@ class Receiver:
             self._take_requests()
             if now >= self.next_rescan:
                 self.next_rescan = now + self.config.rescan_seconds
-                self.queue.put(self.store.pending_work(known=self.queue.tasks()))
+                expected = []
+                self.queue.put(self.store.pending_work(
+                    known=self.queue.tasks() | self.recovery.tasks(), expected=expected))
+                self.recovery.put(expected)
                 self._take_hooks()
         except OSError as exc:
             log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
@@ -3261,22 +3483,38 @@ class Receiver:
                              headers.get("X-Webhook-Timestamp"),
                              headers.get("X-Webhook-Signature"), self.clock.wall())
         callback = Callback.from_json(obj)
-        outcome, record = self.store.accept(callback)
-        self.queue.put(pending_jobs(record))
+        outcome, record = self._deliver(callback, confirm=config.confirm)
         self.metrics.inc("callbacks_total", outcome)
         log_event(outcome, callback.task_id, client=client, code=callback.code,
-                  images=len(callback.images), msg=callback.msg)
-        if outcome == "received" and record["status"] == FAILED:
-            self.queue.end_task(callback.task_id, FAILED)   # a failure callback ends its task
+                  images=len(callback.images), msg=callback.msg,
+                  **({"confirm": "record-info"} if record["status"] == EXPECTED else {}))
         return {"status": outcome, "taskId": callback.task_id}
+
+    def _deliver(self, callback, confirm=False):
+        """The one way into the pipeline, for a callback and for a record-info
+        answer alike: durable record, downloads queued, an ended task handed off."""
+        outcome, record = self.store.accept(callback, confirm)
+        self.queue.put(pending_jobs(record))
+        if record["status"] == EXPECTED:
+            self.recovery.put([record])         # --confirm: record-info is asked now
+        else:
+            self.recovery.forget(callback.task_id)
+        if outcome == "received" and record["status"] == FAILED:
+            self._end_task(callback.task_id, FAILED)   # a failure callback ends its task
+        return outcome, record
+
+    def _end_task(self, task_id, status):
+        self.queue.end_task(task_id, status)
 
     def health(self):
         error = self._probe_dir()
         if error:
             return 503, {"status": "error", "error": "dir not writable: %s" % error}
         last = self.metrics.last_saved
+        expected, overdue, _ = self.recovery.counts()
         return 200, {"status": "ok", "version": __version__,
                      "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
+                     "expected": expected, "overdue": overdue,
                      "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
                      "hooksPending": self.hooks.pending(), "hooksFailed": len(self.hooks.failed),
                      "lastDownloadAt": utc_now(last) if last else None}
@@ -3297,7 +3535,13 @@ class Receiver:
             return None
 
     def metrics_text(self):
+        expected, overdue, oldest = self.recovery.counts()
         return self.metrics.render({
+            "tasks_expected": ("Tasks expected (expect, generate) with no callback yet.",
+                               expected),
+            "tasks_overdue": ("Expected tasks past --recover-after with no callback.", overdue),
+            "oldest_pending_age_seconds": ("Age of the oldest unfinished task (0: none).",
+                                           self._oldest_age(oldest)),
             "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
                               self.store.corrupt_count()),
             "hooks_pending": ("Hand-offs (--on-complete) not yet done.", self.hooks.pending()),
@@ -3309,6 +3553,12 @@ class Receiver:
 
     def _task_ended(self, task_id, status):
         self.hooks.submit(task_id, status)
+
+    def _oldest_age(self, oldest_expected):
+        """Seconds since the oldest unfinished task was expected or received."""
+        received = self.queue.oldest_received()
+        times = [t for t in (oldest_expected, received) if t is not None]
+        return max(0.0, self.clock.wall() - min(times)) if times else 0.0
 
 
 def is_loopback(host):
@@ -3362,9 +3612,10 @@ def run_serve(config, env):
     return 0
 
 
-class RecordInfoClient:
-    """GET <api-base>/api/v1/suno/cover/record-info?taskId=T with the API key.
-    No redirects are followed, so the key never reaches another host."""
+class ApiClient:
+    """The vendor API at --api-base, with the API key: record-info (GET) and
+    cover generate (POST). No redirect is followed, so the key never reaches
+    another host, and it appears in no error, log line or record."""
 
     def __init__(self, config):
         parts = urllib.parse.urlsplit(config.api_base)
@@ -3373,58 +3624,102 @@ class RecordInfoClient:
         self.key, self.timeout, self.user_agent = config.api_key, config.timeout, config.user_agent
         self.min_rate = config.min_rate
 
-    def get(self, task_id, deadline=None):
+    def record_info(self, task_id, deadline=None):
         """The answer's data object for task_id, or ApiError. The whole
         exchange ends by deadline (monotonic) and keeps to --min-rate."""
+        status, answer, retry_after = self._exchange(
+            "GET", "/api/v1/suno/cover/record-info?taskId=" + task_id, None, deadline)
+        if status == 200 and isinstance(answer.get("data"), dict):
+            return answer["data"]
+        if status == 200:
+            raise ApiError("API answer has no data object", "passing")
+        raise self._error(status, retry_after, answer)
+
+    def generate(self, music_task_id, callback_url, deadline=None):
+        """Create the cover task of a music task: (cover taskId, True when
+        the API says it existed already), or ApiError."""
+        status, answer, retry_after = self._exchange(
+            "POST", "/api/v1/suno/cover/generate",
+            {"taskId": music_task_id, "callBackUrl": callback_url}, deadline)
+        cover = existing_cover_id(answer)
+        if status == 200 and cover:
+            return cover, False
+        if status in (400, 409) and cover and cover != music_task_id:   # one cover per music task
+            return cover, True
+        raise self._error(status, retry_after, answer)
+
+    def _exchange(self, method, target, body, deadline):
+        """(status, answer object, Retry-After): the status is the body's code
+        when the HTTP status is 200, as the API reports errors both ways."""
         meter = Meter(self.min_rate, self.timeout, deadline)
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         conn = kind(self.host, self.port, timeout=meter.timeout(self.timeout))
+        headers = {"Authorization": "Bearer " + self.key, "Accept": "application/json",
+                   "User-Agent": self.user_agent}
+        if body is not None:
+            body = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
             conn.connect()
             conn.sock = MeteredSocket(conn.sock, meter)
-            conn.request("GET", "%s/api/v1/suno/cover/record-info?taskId=%s"
-                         % (self.prefix, task_id), headers={
-                             "Authorization": "Bearer " + self.key,
-                             "Accept": "application/json", "User-Agent": self.user_agent})
+            conn.request(method, self.prefix + target, body=body, headers=headers)
             response = conn.getresponse()
-            body = response.read(MAX_API_ANSWER)
+            raw = response.read(MAX_API_ANSWER)
         except (OSError, http.client.HTTPException) as exc:
-            raise ApiError("API unreachable: %s" % _network_reason(exc), True) from None
+            raise ApiError("API unreachable: %s" % _network_reason(exc), "passing") from None
         except ValueError as exc:       # http.client's own, e.g. a chunk size that is not hex
-            raise ApiError("API answer malformed: %s" % escape(exc, 80), True) from None
+            raise ApiError("API answer malformed: %s" % escape(exc, 80), "passing") from None
         finally:
             conn.close()
         retry_after = parse_retry_after(response.getheader("Retry-After"))
         try:
-            answer = json.loads(body.decode("utf-8"))
+            answer = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             answer = None
         if not isinstance(answer, dict):
             if response.status == 200:      # e.g. a proxy's error page: try again
-                raise ApiError("API answer is not JSON", True)
-            return self._error(response.status, retry_after, None)
+                raise ApiError("API answer is not JSON", "passing")
+            raise self._error(response.status, retry_after, None)
         code = answer.get("code")
-        # The API reports errors in the body's code as well as in the HTTP status.
         status = code if response.status == 200 and isinstance(code, int) else response.status
-        if status == 200 and isinstance(answer.get("data"), dict):
-            return answer["data"]
-        if status == 200:
-            raise ApiError("API answer has no data object", True)
-        return self._error(status, retry_after, answer)
+        return status, answer, retry_after
 
     @staticmethod
     def _error(status, retry_after, answer):
+        """The ApiError for an API status other than 200 (API-FACTS.md)."""
         msg = answer.get("msg") if isinstance(answer, dict) else None
         detail = " (%s)" % escape(msg, 100) if isinstance(msg, str) and msg else ""
-        if status in (401, 403):
-            raise ApiError("API key rejected: %d%s" % (status, detail), False)
-        if status == 404:
-            raise ApiError("unknown task: 404%s" % detail, False)
-        if status == 429:
-            raise ApiError("rate limited: 429%s" % detail, True, retry_after)
-        if status in RETRY_STATUSES or 500 <= status <= 599:
-            raise ApiError("API error: %d%s" % (status, detail), True, retry_after)
-        raise ApiError("API error: %d%s" % (status, detail), False)
+        for statuses, kind, text in API_ERRORS:
+            if status in statuses or (statuses == () and 500 <= status <= 599):
+                return ApiError(text % (status, detail), kind, retry_after, answer)
+        return ApiError("API error: %d%s" % (status, detail), "refused", None, answer)
+
+
+# What each API status asks for ("%d%s": the status, then the API's msg).
+# 429 is a rate limit on kie.ai and "insufficient credits" on some sunoapi.org
+# endpoints: passing, since waiting harms neither.
+API_ERRORS = (
+    ((401, 403), "person", "API key rejected: %d%s; check SUNO_API_KEY"),
+    ((402,), "person", "insufficient credits: %d%s; add credits to the account"),
+    ((404, 422), "unknown", "unknown task: %d%s"),
+    ((429,), "passing", "rate limited or out of credits: %d%s; try again later"),
+    ((405, 430), "passing", "calls too frequent: %d%s; try again in a minute"),
+    ((455,), "passing", "API under maintenance: %d%s; try again later"),
+    ((408,), "passing", "API timeout: %d%s; try again later"),
+    ((), "passing", "API error: %d%s; try again later"),        # every 5xx
+)
+
+
+def existing_cover_id(answer):
+    """The cover taskId an API answer names: data.taskId, or one named in
+    msg (a repeated generate answers 400 naming the existing cover task)."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    task_id = data.get("taskId") if isinstance(data, dict) else None
+    if isinstance(task_id, str) and TASK_ID_RE.fullmatch(task_id):
+        return task_id
+    msg = answer.get("msg") if isinstance(answer, dict) else None
+    found = re.search(r"\b[0-9a-f]{32}\b", msg) if isinstance(msg, str) else None
+    return found.group(0) if found else None
 
 
 # record-info's task states: successFlag (number or digit string), or the
@@ -3452,14 +3747,189 @@ def record_callback(task_id, data, success):
     if success:
         response = data.get("response")
         images = response.get("images") if isinstance(response, dict) else None
-        return Callback.from_json({"code": 200, "msg": "success",
-                                   "data": {"taskId": task_id, "images": images}})
-    code, message = data.get("errorCode"), data.get("errorMessage")
-    usable = isinstance(code, int) and not isinstance(code, bool) and 200 < code < 1000
-    return Callback.from_json({
-        "code": code if usable else 501,
-        "msg": message[:1000] if isinstance(message, str) and message
-        else "cover generation failed", "data": {"taskId": task_id, "images": None}})
+        found = Callback.from_json({"code": 200, "msg": "success",
+                                    "data": {"taskId": task_id, "images": images}})
+    else:
+        code, message = data.get("errorCode"), data.get("errorMessage")
+        usable = isinstance(code, int) and not isinstance(code, bool) and 200 < code < 1000
+        found = Callback.from_json({
+            "code": code if usable else 501,
+            "msg": message[:1000] if isinstance(message, str) and message
+            else "cover generation failed", "data": {"taskId": task_id, "images": None}})
+    return dataclasses.replace(found, source="record-info")
+
+
+@dataclasses.dataclass
+class QueuedPoll:
+    """One expected task on the Recovery schedule; its times are monotonic."""
+    task_id: str
+    due: float
+    deadline: float         # --retry-for after expectedAt; CONFIRM_GRACE after a --confirm callback
+    tries: int
+    confirm: bool
+
+    @property
+    def key(self):
+        return self.task_id
+
+
+class Recovery:
+    """serve's answer to a callback that never comes. Every expected task
+    (expect, generate, a --confirm callback) is on a due-time heap; when one
+    is overdue (--recover-after past expectedAt with no callback) it asks
+    record-info, one request at a time and at most one per api_gap, then
+    again every --interval while the API says generating, backing off on
+    API errors (Retry-After honoured), until a final answer, which goes the
+    way of a callback (deliver), or the deadline, which fails the task. The
+    schedule is kept in task.json ("poll"), so restarts keep it. Without an
+    API key nothing is asked: an overdue task gets one WARNING and is counted."""
+
+    def __init__(self, config, client, deliver, ended, metrics, store, clock=Clock):
+        self.config, self.client, self.deliver, self.ended = config, client, deliver, ended
+        self.metrics, self.store, self.clock = metrics, store, clock
+        self.backoff = Backoff(config.backoff_base, API_BACKOFF_CAP)
+        self.due = DueHeap(clock)
+        self.expected = {}                  # taskId -> expectedAt (unix), every expected task
+        self._warned = set()
+        self._last_request = -API_GAP * 2
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="recovery", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stopped.set()
+        self.due.stop()
+        self._thread.join(5)
+
+    def put(self, records):
+        """Expected records onto the schedule (start-up, rescan, --confirm)."""
+        cap = max(self.config.recover_after, self.config.interval, API_BACKOFF_CAP)
+        for record in records:
+            expected_at = parse_utc(record["expectedAt"]) or self.clock.wall()
+            poll = record["poll"]
+            confirmed_from = parse_utc(poll.get("confirmSince"))
+            first = (parse_utc(poll.get("nextPollAt")) or confirmed_from
+                     or expected_at + self.config.recover_after)
+            end = (confirmed_from + CONFIRM_GRACE if confirmed_from
+                   else expected_at + self.config.retry_for)
+            with self.due.lock:
+                self.expected[record["taskId"]] = expected_at
+            self.due.add(QueuedPoll(record["taskId"], self.due.from_wall(first, cap),
+                                    self.due.from_wall(end), poll.get("tries") or 0,
+                                    bool(confirmed_from)), sooner=bool(confirmed_from))
+
+    def forget(self, task_id):
+        """The task is no longer expected: a callback (or the API) answered."""
+        with self.due.lock:
+            self.expected.pop(task_id, None)
+
+    def tasks(self):
+        return self.due.keys()
+
+    def counts(self):
+        """(expected, overdue, oldest expectedAt or None)."""
+        now = self.clock.wall() - self.config.recover_after
+        with self.due.lock:
+            times = list(self.expected.values())
+        return len(times), sum(1 for at in times if at <= now), min(times, default=None)
+
+    def _work(self):
+        while True:
+            item = self.due.take()
+            if item is None:
+                return
+            again = False
+            try:
+                again = self._poll(item)
+            except Exception:            # thread boundary: the next rescan queues it again
+                LOG.exception("recovery crashed task=%s", escape(item.task_id))
+            finally:
+                self.due.finish(item, again)
+
+    def _poll(self, item):
+        """One look at an overdue task. True: look again at item.due."""
+        record = self.store.read_or_none(item.task_id)
+        if record is None or record["status"] != EXPECTED:
+            self.forget(item.task_id)
+            return False
+        if self.client is None:
+            self._warn_overdue(item.task_id, record)
+            return False
+        if self._stopped.wait(max(0.0, self._last_request + self.config.api_gap
+                                  - self.clock.mono())):
+            return False
+        self._last_request = self.clock.mono()
+        item.tries += 1
+        try:
+            data = self.client.record_info(item.task_id)
+        except ApiError as exc:
+            self.metrics.inc("api_requests_total", exc.kind)
+            return self._after_error(item, exc)
+        self.metrics.inc("api_requests_total", "ok")
+        state = record_state(data)
+        if state in ("success", "failed"):
+            return self._resolve(item, data, state == "success")
+        said = ("still generating" if state == "running" else "an unknown task state %s"
+                % escape(data.get("successFlag", data.get("status")), 30))
+        return self._again(item, self.config.interval, said)
+
+    def _after_error(self, item, exc):
+        if exc.kind == "unknown":
+            return self._end(item, str(exc))
+        delay = self.backoff.delay(item.tries, exc.retry_after)
+        if exc.kind in ("person", "refused"):   # a key or credits: no use asking often
+            delay = max(delay, self.config.max_backoff)
+            log_event("api-refused", item.task_id, logging.ERROR, reason=exc,
+                      next_poll="%gs" % delay)
+        return self._again(item, delay, str(exc))
+
+    def _resolve(self, item, data, success):
+        try:
+            outcome, record = self.deliver(record_callback(item.task_id, data, success))
+        except BadCallback as exc:
+            return self._again(item, self.backoff.delay(item.tries),
+                               "an answer it cannot use: %s" % exc)
+        except Unavailable as exc:
+            return self._again(item, self.backoff.delay(item.tries), str(exc))
+        self.forget(item.task_id)
+        if outcome == "received":
+            self.metrics.inc("tasks_recovered_total")
+            log_event("recovered", item.task_id, source="record-info", status=record["status"],
+                      images=len(record["images"]), confirm="yes" if item.confirm else "no")
+        return False
+
+    def _again(self, item, delay, said):
+        """Poll again after delay, or fail the task when that is past its deadline."""
+        if self.clock.mono() + delay > item.deadline:
+            return self._end(item, said)
+        item.due = self.clock.mono() + delay
+        self.store.note_poll(item.task_id, tries=item.tries, lastAnswer=said,
+                             nextPollAt=utc_now(self.clock.wall() + delay))
+        log_event("recovery-poll", item.task_id, said=said, next_poll="%gs" % delay)
+        return True
+
+    def _end(self, item, said):
+        if item.confirm:
+            reason = "--confirm: record-info did not confirm the callback: %s" % said
+        else:
+            reason = ("no callback came; record-info last said: %s (after %d tries)"
+                      % (said, item.tries))
+        if self.store.end_expected(item.task_id, reason) is not None:
+            log_event("recovery-failed", item.task_id, logging.ERROR, reason=reason)
+            self.ended(item.task_id, FAILED)
+        self.forget(item.task_id)
+        return False
+
+    def _warn_overdue(self, task_id, record):
+        if task_id in self._warned:
+            return
+        self._warned.add(task_id)
+        waited = self.clock.wall() - (parse_utc(record["expectedAt"]) or self.clock.wall())
+        log_event("overdue", task_id, logging.WARNING, waited="%ds" % waited,
+                  note="no callback came; set SUNO_API_KEY (or --api-key-file) for serve to "
+                       "ask record-info, or run: cover_receiver.py fetch %s" % task_id)
 
 
 class Poller:
@@ -3476,7 +3946,7 @@ class Poller:
         tries = 0
         while True:
             try:
-                data = self.client.get(task_id, deadline)
+                data = self.client.record_info(task_id, deadline)
             except ApiError as exc:
                 tries += 1
                 if not exc.retryable:
@@ -3527,6 +3997,8 @@ def task_result(store, task_id):
         return "done", "%d covers in %s" % (len(record["files"]), store.task_dir(task_id))
     if record["status"] == FAILED:
         return "failed", record.get("error") or "failed"
+    if record["status"] == EXPECTED:
+        return EXPECTED, task_reason(record)
     return "pending", task_reason(record) or "downloads unfinished"
 
 
@@ -3543,6 +4015,8 @@ def task_reason(record):
 def image_reason(record):
     if record.get("status") in (FAILED, CORRUPT):
         return record.get("error") or ""
+    if record.get("status") == EXPECTED:
+        return expected_reason(record)
     retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
                       for i in missing_images(record) if record["lastError"][i])
     if not retrying:
@@ -3551,12 +4025,26 @@ def image_reason(record):
     return "retrying %d image(s): %s; next try %s" % (len(retrying), error, when)
 
 
+def expected_reason(record, now=None):
+    """How long an expected task has waited for its callback, and what
+    record-info last said."""
+    since = parse_utc(record.get("expectedAt"))
+    waited = max(0, int((time.time() if now is None else now) - since)) if since else 0
+    poll = record.get("poll") if isinstance(record.get("poll"), dict) else {}
+    text = "waiting for its callback for %ds" % waited
+    if poll.get("confirmSince"):
+        text = "--confirm: waiting for record-info to confirm its callback"
+    if poll.get("lastAnswer"):
+        text += "; record-info said: %s; next poll %s" % (poll["lastAnswer"], poll.get("nextPollAt"))
+    return text
+
+
 def run_fetch(config, env):
     store = open_store(config)
     downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None)
     downloads.start()
     stop = threading.Event()
-    poller = Poller(config, RecordInfoClient(config), store, downloads, stop)
+    poller = Poller(config, ApiClient(config), store, downloads, stop)
     results = {}
 
     def poll(task_id):
@@ -3582,6 +4070,46 @@ def run_fetch(config, env):
     downloads.stop(0)
     words = {word for word, _ in results.values()}
     return 1 if words & {"failed", "error", CORRUPT} else 3 if "pending" in words else 0
+
+
+def run_expect(config, env):
+    """expect: record each TASKID as expected; a known task is left as it is."""
+    store, failed = open_store(config), False
+    for task_id in dict.fromkeys(config.task_ids):
+        try:
+            created, record = store.expect(task_id, config.parent)
+        except (CorruptRecord, Unavailable) as exc:
+            print("%s not recorded: %s" % (task_id, exc), flush=True)
+            failed = True
+            continue
+        print("%s %s" % (task_id, "expected" if created else "known: %s, left as it is"
+                         % (record or {}).get("status", "being written")), flush=True)
+    return 1 if failed else 0
+
+
+def run_generate(config, env):
+    """generate: create each music task's cover task at the API, record it as
+    expected (with its parent), print 'MUSIC COVER' per line."""
+    store = open_store(config)
+    client, refused = ApiClient(config), False
+    for music_task_id in dict.fromkeys(config.task_ids):
+        try:
+            cover, existed = client.generate(music_task_id, config.callback_url)
+        except ApiError as exc:
+            refused = True
+            print("%s refused: %s" % (music_task_id, exc), flush=True)
+            continue
+        try:
+            store.expect(cover, music_task_id)
+        except (CorruptRecord, Unavailable) as exc:
+            refused = True
+            print("%s %s not recorded: %s; run: cover_receiver.py expect %s --parent %s"
+                  % (music_task_id, cover, exc, cover, music_task_id), flush=True)
+            continue
+        print("%s %s%s" % (music_task_id, cover, " (the cover task existed already)"
+                           if existed else ""), flush=True)
+        log_event("generated", cover, parent=music_task_id, existed="yes" if existed else "no")
+    return 1 if refused else 0
 
 
 def run_retry(config, env):
@@ -3628,8 +4156,8 @@ def left_to_schedule(store, task_id):
     """Why retry leaves a task as it is (pending, not failed: its schedule
     goes on), or None. Raises CorruptRecord."""
     record = store.read(task_id)
-    if record is not None and record["status"] == PENDING:
-        return PENDING, "not failed, so left to its schedule: %s" % (
+    if record is not None and record["status"] in UNFINISHED:
+        return record["status"], "not failed, so left to its schedule: %s" % (
             task_reason(record) or "its next try is due now")
     return None
 
@@ -3763,7 +4291,7 @@ def main(argv=None, env=None):
     try:
         config = build_config(argv, env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
-                    "status": run_status}
+                    "status": run_status, "expect": run_expect, "generate": run_generate}
         return commands[config.command](config, env)
     except UsageError as exc:
         print("cover_receiver: error: %s" % exc, file=sys.stderr)

@@ -140,14 +140,17 @@ def visible_entries(folder):
 
 
 def leftovers(folder):
-    """Every entry below folder, hidden ones included, but the lock folder
-    while it is empty (lock files exist only while held)."""
+    """Every entry below folder, hidden ones included, but the running serve's
+    own: its lock and the lock folder (lock files exist only while held), and
+    the request folder while it is empty."""
+    serve_lock = "%s/%s" % (cr.LOCKS_DIR, cr.SERVE_LOCK)
     found = []
     for parent, dirs, files in os.walk(folder):
         for name in dirs + files:
-            path = os.path.relpath(os.path.join(parent, name), folder)
-            if path != cr.LOCKS_DIR or os.listdir(os.path.join(parent, name)):
-                found.append(path.replace(os.sep, "/"))
+            path = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
+            if path in (cr.LOCKS_DIR, cr.REQUESTS_DIR, serve_lock):
+                continue
+            found.append(path)
     return sorted(found)
 
 
