@@ -9,6 +9,10 @@ Usage:
     python3 cover_receiver.py retry --hook [TASKID...]    run failed hooks again now
         (both through the serve running on --dir, when there is one)
     python3 cover_receiver.py status [--dir D] [TASKID]   list tasks and why, or one record
+    python3 cover_receiver.py expect TASKID... [--parent MUSIC_TASK_ID]
+                                                          record cover tasks to expect
+    python3 cover_receiver.py generate MUSIC_TASK_ID... --callback-url URL
+                                                          create cover tasks, and expect them
 
 Give the API this callBackUrl:
     https://<your host>/suno-cover-callback              (add ?token=<token> if one is set)
@@ -24,9 +28,13 @@ the flag wins):
     --on-complete CMD         --hook-retry-for 86400  (the hook runs at least once)
     --drain-seconds 10        --max-connections 64
     --request-timeout 10      --hmac-key-file PATH    --token-file PATH
+    --api-base https://api.sunoapi.org  --api-key-file PATH (or SUNO_API_KEY)
+    --recover-after 600       --interval 30           --confirm
 
 A passing download failure is tried again after about 1 s, doubling up to
 --max-backoff, until --retry-for after the task arrived (the URLs' lifetime).
+With an API key, serve asks record-info for an expected task (expect, generate)
+that had no callback --recover-after seconds later, and saves what it answers.
 
 fetch options: --dir --api-base https://api.sunoapi.org --interval 30 --wait 600,
 plus the download options --allow-host --attempts --retry-for --max-backoff
@@ -35,7 +43,7 @@ plus the download options --allow-host --attempts --retry-for --max-backoff
 Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
     COVER_RECEIVER_TOKEN      required ?token= on the callback URL (or --token-file)
-    SUNO_API_KEY              API key for fetch
+    SUNO_API_KEY              API key for fetch, generate and serve's recovery
 
 Files: <dir>/<taskId>/task.json (the record) and cover_1.png, cover_2.jpg, ...
 Exit status: 0 ok; 1 fetch/retry: a task did not end done; 2 bad usage or cannot
@@ -1877,8 +1885,9 @@ def record_problem(record, task_id):
 
 def record_fields_problem(record, task_id):
     for key, kind in RECORD_FIELDS.items():
-        if key == "receivedAt" and record.get("status") == EXPECTED:
-            continue                    # no callback yet
+        if key == "receivedAt" and record.get(key) is None \
+                and isinstance(record.get("expectedAt"), str):
+            continue                    # expected, and no callback (yet, or ever)
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return "has no %s %s" % (kind.__name__, key)
     if record["taskId"] != task_id:

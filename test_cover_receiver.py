@@ -290,18 +290,30 @@ def stall(body, cut=16):
 
 
 class FakeAPI:
-    """The record-info API on loopback: script(taskId, answer, ...) where an
-    answer is (http status, body dict or bytes, headers[, seconds to stall first])."""
+    """The vendor API on loopback. record-info: script(taskId, answer, ...)
+    where an answer is (http status, body dict or bytes, headers[, seconds to
+    stall first]); calls counts them per task, times keeps when each came.
+    generate: script("generate:" + music taskId, answer, ...); generated
+    keeps each request's body."""
 
     def __init__(self):
-        self.scripts, self.calls, self.auth = {}, {}, []
+        self.scripts, self.calls, self.auth, self.times, self.generated = {}, {}, [], [], []
         api = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 query = cr.urllib.parse.urlsplit(self.path)
                 task_id = cr.urllib.parse.parse_qs(query.query).get("taskId", [""])[0]
+                self.answer(task_id)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.generated.append(body)
+                self.answer("generate:%s" % body.get("taskId"))
+
+            def answer(self, task_id):
                 api.auth.append(self.headers.get("Authorization"))
+                api.times.append(time.monotonic())
                 count = api.calls.get(task_id, 0)
                 api.calls[task_id] = count + 1
                 answers = api.scripts.get(task_id) or [(404, {"code": 404, "msg": "no"}, {})]
@@ -1458,7 +1470,7 @@ def test_fetch_polls_until_success_and_saves_like_a_callback(api, cdn, tmp_path,
     urls = [cdn.route("/p1.png", ok(PNG)), cdn.route("/p2.png", ok(GIF))]
     api.script("polled", api_answer("polled", 0), api_answer("polled", 2),
                api_answer("polled", 1, urls))
-    folder = str(tmp_path / "covers")
+    folder = str(tmp_path / "fetched")                 # not the receiver's folder below
     result = run_fetch(api, folder, "polled")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("polled done: 2 covers")
@@ -1470,8 +1482,10 @@ def test_fetch_polls_until_success_and_saves_like_a_callback(api, cdn, tmp_path,
     receiver = start(*allow_loopback())
     post(receiver.url, payload("polled", urls))
     called = wait_status(receiver.dir, "polled", "done")
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("At")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items()  # noqa: E731
+                       if not k.endswith("At") and k != "source"}
     assert strip(polled) == strip(called)
+    assert (polled["source"], called["source"]) == ("record-info", "callback")
     assert read(os.path.join(folder, "polled", "cover_2.gif")) == GIF
 
 
@@ -3036,3 +3050,258 @@ def test_sighup_looks_at_the_folder_now_and_never_stops_serve(tmp_path, cdn):
         assert post(serve.url, payload("hup"))[1]["status"] == "duplicate"
     finally:
         assert serve.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# A callback that never arrives is recovered
+# ---------------------------------------------------------------------------
+
+API_KEY = "sk-recovery-test-key"
+
+
+def cli_env(key=API_KEY):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COVER_RECEIVER_", "SUNO_"))}
+    if key:
+        env["SUNO_API_KEY"] = key
+    return env
+
+
+def run_api_cli(*argv, key=API_KEY):
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
+                          timeout=60, env=cli_env(key))
+
+
+def expect(folder, *task_ids, parent=None):
+    result = run_cli("expect", *task_ids, "--dir", str(folder),
+                     *(("--parent", parent) if parent else ()))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def recovering(start, api, *argv, **overrides):
+    """A serve with the API key that asks record-info as soon as a task is overdue."""
+    return start(*allow_loopback(), "--api-base", api.base, "--recover-after", "0",
+                 "--interval", "0.05", *argv, env={"SUNO_API_KEY": API_KEY},
+                 **dict({"api_gap": 0.01}, **overrides))
+
+
+def test_generate_records_the_cover_task_as_expected_with_its_parent(api, tmp_path):
+    api.script("generate:music1", (200, {"code": 200, "msg": "success",
+                                         "data": {"taskId": "cover1"}}, {}))
+    result = run_api_cli("generate", "music1", "--dir", str(tmp_path / "c"), "--api-base",
+                         api.base, "--callback-url", "https://me.example/suno-cover-callback")
+    assert (result.returncode, result.stdout) == (0, "music1 cover1\n")
+    assert api.generated == [{"taskId": "music1",
+                              "callBackUrl": "https://me.example/suno-cover-callback"}]
+    assert api.auth == ["Bearer " + API_KEY]
+    stored = record(tmp_path / "c", "cover1")
+    assert (stored["status"], stored["parentTaskId"], stored["images"]) == ("expected", "music1", [])
+    assert API_KEY not in result.stdout + result.stderr + json.dumps(stored)
+
+
+def test_a_repeated_generate_records_the_cover_task_that_exists(api, tmp_path):
+    api.script("generate:music2", (200, {"code": 400, "msg": "cover already generated",
+                                         "data": {"taskId": "cover2"}}, {}))
+    result = run_api_cli("generate", "music2", "--dir", str(tmp_path / "c"), "--api-base",
+                         api.base, "--callback-url", "https://me.example/cb")
+    assert (result.returncode, result.stdout) == (
+        0, "music2 cover2 (the cover task existed already)\n")
+    assert record(tmp_path / "c", "cover2")["parentTaskId"] == "music2"
+
+
+@pytest.mark.parametrize("code, msg, remedy", [
+    (401, "invalid key", "check SUNO_API_KEY"), (402, "no credits", "add credits"),
+    (429, "insufficient credits", "try again later"), (430, "too frequent", "try again in a minute"),
+    (455, "maintenance", "maintenance"), (500, "oops", "try again later")])
+def test_an_api_refusal_of_generate_exits_1_with_its_code_msg_and_remedy(api, tmp_path, code,
+                                                                        msg, remedy):
+    api.script("generate:music3", (200, {"code": code, "msg": msg, "data": None}, {}))
+    result = run_api_cli("generate", "music3", "--dir", str(tmp_path / "c"), "--api-base",
+                         api.base, "--callback-url", "https://me.example/cb")
+    assert result.returncode == 1
+    line = result.stdout.strip()
+    assert line.startswith("music3 refused: ") and str(code) in line and msg in line \
+        and remedy in line, line
+    assert visible_entries(tmp_path / "c") == []
+
+
+def test_generate_and_expect_usage_errors_exit_2(tmp_path):
+    for argv, key, named in ((("generate", "m"), API_KEY, "--callback-url"),
+                             (("generate", "m", "--callback-url", "https://x.example/"), None,
+                              "SUNO_API_KEY"),
+                             (("expect", "../x"), None, "TASKID"),
+                             (("serve", "--confirm"), None, "--confirm")):
+        result = run_api_cli(*argv, "--dir", str(tmp_path / "c"), key=key)
+        assert result.returncode == 2 and named in result.stderr, (argv, result.stderr)
+
+
+def test_expect_leaves_a_known_task_as_it_is(start, cdn, tmp_path):
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("known", [cdn.route("/k.png", ok(PNG))]))
+    before = wait_status(receiver.dir, "known", "done")
+    assert expect(receiver.dir, "known", "fresh") == [
+        "known known: done, left as it is", "fresh expected"]
+    assert record(receiver.dir, "known") == before
+
+
+def test_an_expected_task_whose_callback_comes_in_time_asks_the_api_nothing(start, api, cdn,
+                                                                            tmp_path):
+    expect(tmp_path / "covers", "ontime", parent="music4")
+    receiver = recovering(start, api, "--recover-after", "60")
+    assert healthz(receiver)["expected"] == 1
+    answer = post(receiver.url, payload("ontime", [cdn.route("/t.png", ok(PNG))]))[1]
+    assert answer == {"status": "received", "taskId": "ontime"}
+    done = wait_status(receiver.dir, "ontime", "done")
+    assert (done["source"], done["parentTaskId"]) == ("callback", "music4")
+    assert done["expectedAt"] and api.calls == {}
+    assert healthz(receiver)["expected"] == 0
+
+
+def test_an_expected_task_with_no_callback_is_recovered_byte_exact_and_handed_off(
+        start, api, cdn, tmp_path):
+    expect(tmp_path / "covers", "lost1", parent="music5")
+    api.script("lost1", api_answer("lost1", 2),
+               api_answer("lost1", 1, [cdn.route("/l1.png", ok(PNG)), cdn.route("/l2.png", ok(GIF))]))
+    script, runs = counting_hook(tmp_path)
+    receiver = recovering(start, api, "--on-complete", script)
+    done = wait_status(receiver.dir, "lost1", "done")
+    assert done["source"] == "record-info" and done["parentTaskId"] == "music5"
+    assert read(os.path.join(receiver.dir, "lost1", "cover_1.png")) == PNG
+    assert read(os.path.join(receiver.dir, "lost1", "cover_2.gif")) == GIF
+    assert api.calls == {"lost1": 2} and set(api.auth) == {"Bearer " + API_KEY}
+    assert all("Authorization" not in headers for _, headers in cdn.requests)
+    hook_of(receiver.dir, "lost1", "done")
+    assert runs_of(runs, "lost1") == [["1", "done"]]
+    assert metrics_of(receiver)["cover_receiver_tasks_recovered_total"] == 1
+    # A late callback now is a duplicate: one download per image.
+    assert post(receiver.url, payload("lost1", ["http://127.0.0.1:9/x.png"]))[1]["status"] \
+        == "duplicate"
+    assert cdn.hits == {"/l1.png": 1, "/l2.png": 1}
+
+
+def test_a_kill_9_while_waiting_for_record_info_keeps_the_schedule(api, cdn, tmp_path):
+    folder = tmp_path / "c"
+    expect(folder, "k9r")
+    url = cdn.route("/k9r.png", ok(PNG))
+    api.script("k9r", api_answer("k9r", 2))            # generating, until the kill
+    args = serve_args(folder, "--allow-host", "127.0.0.1", "--api-base", api.base,
+                      "--recover-after", "0", "--interval", "0.2")
+    first = ReceiverProcess(args, env={"SUNO_API_KEY": API_KEY})
+    wait_for(lambda: (record(folder, "k9r")["poll"] or {}).get("tries", 0) >= 2,
+             what="two polls on disk")
+    first.proc.kill()
+    first.proc.wait(WAIT)
+    polled = record(folder, "k9r")
+    assert polled["status"] == "expected" and polled["poll"]["nextPollAt"]
+    api.script("k9r", api_answer("k9r", 1, [url]))
+    second = ReceiverProcess(args, env={"SUNO_API_KEY": API_KEY})
+    try:
+        done = wait_status(str(folder), "k9r", "done")
+        assert read(os.path.join(str(folder), "k9r", "cover_1.png")) == PNG
+        assert done["source"] == "record-info"
+    finally:
+        assert second.stop() == 0
+    # The key is in no file under --dir and in no log line.
+    for parent, _, files in os.walk(str(folder)):
+        for name in files:
+            assert API_KEY.encode() not in read(os.path.join(parent, name))
+    assert API_KEY not in first.text() + second.text()
+
+
+def test_an_expected_task_still_generating_at_retry_for_fails_with_the_reason(start, api,
+                                                                             tmp_path):
+    expect(tmp_path / "covers", "never")
+    api.script("never", api_answer("never", 2))
+    script, runs = counting_hook(tmp_path)
+    receiver = recovering(start, api, "--retry-for", "0.5", "--on-complete", script)
+    failed = wait_status(receiver.dir, "never", "failed")
+    assert failed["error"].startswith("no callback came; record-info last said: still generating")
+    hook_of(receiver.dir, "never", "done")
+    assert runs_of(runs, "never") == [["1", "failed"]]
+    _, lines, _ = status_lines(receiver.dir)
+    assert any(line.startswith("never ") and "no callback came" in line for line in lines)
+
+
+def test_an_unknown_task_at_record_info_fails_at_once(start, api, tmp_path):
+    expect(tmp_path / "covers", "typo")                # FakeAPI answers 404 for it
+    receiver = recovering(start, api)
+    failed = wait_status(receiver.dir, "typo", "failed")
+    assert "unknown task: 404" in failed["error"] and api.calls == {"typo": 1}
+
+
+def test_passing_api_errors_back_off_and_honour_retry_after(start, api, cdn, tmp_path):
+    expect(tmp_path / "covers", "busy")
+    api.script("busy", (200, {"code": 430, "msg": "too frequent"}, {}),
+               (503, b"", {"Retry-After": "1"}),
+               api_answer("busy", 1, [cdn.route("/b.png", ok(PNG))]))
+    receiver = recovering(start, api)
+    wait_status(receiver.dir, "busy", "done")
+    assert api.calls == {"busy": 3}
+    assert api.times[2] - api.times[1] >= 0.9           # Retry-After: 1
+    counts = metrics_of(receiver)
+    assert counts['cover_receiver_api_requests_total{outcome="passing"}'] == 2
+    assert counts['cover_receiver_api_requests_total{outcome="ok"}'] == 1
+
+
+def test_overdue_without_a_key_is_a_warning_healthz_metrics_and_status(start, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    expect(tmp_path / "covers", "silent")
+    receiver = start("--recover-after", "0")
+    wait_for(lambda: any(r.getMessage().startswith("overdue task=silent") for r in caplog.records),
+             what="the overdue warning")
+    line = next(r for r in caplog.records if r.getMessage().startswith("overdue task=silent"))
+    assert line.levelname == "WARNING"
+    assert "SUNO_API_KEY" in line.getMessage() and "fetch silent" in line.getMessage()
+    assert (healthz(receiver)["overdue"], healthz(receiver)["expected"]) == (1, 1)
+    counts = metrics_of(receiver)
+    assert counts["cover_receiver_tasks_overdue"] == 1
+    assert counts["cover_receiver_oldest_pending_age_seconds"] >= 0
+    receiver.next_rescan = 0                            # a rescan does not warn again
+    wait_for(lambda: receiver.next_rescan > 0, what="the rescan")
+    assert sum(r.getMessage().startswith("overdue task=silent") for r in caplog.records) == 1
+    _, lines, _ = status_lines(receiver.dir)
+    assert any(re.match(r"silent +expected .*waiting for its callback for \d+s", line)
+               for line in lines)
+
+
+def test_confirm_takes_the_images_from_record_info_never_from_the_body(start, api, cdn, tmp_path):
+    real = cdn.route("/real.png", ok(PNG))
+    api.script("conf", api_answer("conf", 1, [real]))
+    receiver = recovering(start, api, "--confirm")
+    forged = payload("conf", [cdn.route("/forged.png", ok(JPEG))])
+    assert post(receiver.url, forged)[1] == {"status": "received", "taskId": "conf"}
+    done = wait_status(receiver.dir, "conf", "done")
+    assert done["images"] == [real] and done["source"] == "record-info"
+    assert read(os.path.join(receiver.dir, "conf", "cover_1.png")) == PNG
+    assert "/forged.png" not in cdn.hits
+
+
+def test_confirm_fails_a_task_record_info_does_not_know_and_fetches_nothing(start, api, cdn):
+    receiver = recovering(start, api, "--confirm")
+    post(receiver.url, payload("forged", [cdn.route("/f.png", ok(PNG))]))
+    failed = wait_status(receiver.dir, "forged", "failed")
+    assert failed["error"].startswith("--confirm: record-info did not confirm the callback: "
+                                      "unknown task: 404")
+    assert cdn.hits == {}
+
+
+def test_fifty_overdue_tasks_at_start_up_reach_the_api_without_a_burst(start, api, tmp_path):
+    tasks = ["burst%02d" % n for n in range(50)]
+    expect(tmp_path / "covers", *tasks)
+    for task_id in tasks:
+        api.script(task_id, api_answer(task_id, 3, error_message="gone"))
+    receiver = recovering(start, api, api_gap=0.05)
+    for task_id in tasks:
+        wait_status(receiver.dir, task_id, "failed")
+    gaps = [later - earlier for earlier, later in zip(api.times, api.times[1:])]
+    assert len(api.times) == 50 and min(gaps) >= 0.045, min(gaps)
+
+
+def test_fetch_of_an_expected_task_delivers_it_the_same_way(api, cdn, tmp_path):
+    folder = tmp_path / "c"
+    expect(folder, "byhand", parent="music6")
+    api.script("byhand", api_answer("byhand", 1, [cdn.route("/h.png", ok(PNG))]))
+    result = run_fetch(api, str(folder), "byhand")
+    assert result.returncode == 0 and result.stdout.startswith("byhand done")
+    done = record(folder, "byhand")
+    assert (done["source"], done["parentTaskId"]) == ("record-info", "music6")
