@@ -2414,6 +2414,22 @@ class DueHeap:
         with self.lock:
             return set(self.queued) | set(self.running)
 
+    def work(self, handle, crashed):
+        """A worker thread's loop until stop(): handle(item) each due item,
+        True to queue it again at item.due. The thread's boundary: an
+        exception goes to crashed(item), which logs it and says the same."""
+        while True:
+            item = self.take()
+            if item is None:
+                return
+            again = False
+            try:
+                again = handle(item)
+            except Exception:
+                again = crashed(item)
+            finally:
+                self.finish(item, again)
+
     def wait(self, predicate, timeout=None):
         with self.lock:
             return self.lock.wait_for(predicate, timeout)
@@ -2503,22 +2519,20 @@ class DownloadQueue:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _work(self):
-        while True:
-            item = self.due.take()
-            if item is None:
-                return
-            again = False
-            try:
-                again = self._download(item)
-            except Aborted:
-                log_event("download-aborted", item.task_id, image=item.index + 1,
-                          note="left pending")
-            except Exception:      # thread boundary: log, keep the worker, never lose the job
-                LOG.exception("download crashed task=%s image=%d", escape(item.task_id),
-                              item.index + 1)
-                item.due, again = self.clock.mono() + self.backoff.delay(5), True
-            finally:
-                self.due.finish(item, again and self.retry_later)
+        self.due.work(self._handle, self._crashed)
+
+    def _handle(self, item):
+        try:
+            return self._download(item) and self.retry_later
+        except Aborted:
+            log_event("download-aborted", item.task_id, image=item.index + 1, note="left pending")
+            return False
+
+    def _crashed(self, item):
+        """Log, keep the worker, never lose the job."""
+        LOG.exception("download crashed task=%s image=%d", escape(item.task_id), item.index + 1)
+        item.due = self.clock.mono() + self.backoff.delay(5)
+        return self.retry_later
 
     def _download(self, item):
         """One try at one image. True: queue it again, at item.due."""
@@ -2679,17 +2693,13 @@ class HookRunner:
         self._thread.join(5)
 
     def _work(self):
-        while True:
-            item = self.due.take()
-            if item is None:
-                return
-            again = False
-            try:
-                again = self._hand_off(item)
-            except Exception:            # thread boundary: log; the record keeps it pending
-                LOG.exception("hook crashed task=%s", escape(item.task_id))
-            finally:
-                self.due.finish(item, again and self.retry_later)
+        self.due.work(lambda item: self._hand_off(item) and self.retry_later, self._crashed)
+
+    @staticmethod
+    def _crashed(item):
+        """Log; the record keeps the hook pending for the next rescan."""
+        LOG.exception("hook crashed task=%s", escape(item.task_id))
+        return False
 
     def _hand_off(self, item):
         """One run of the hook for one task. True: run it again at item.due."""
@@ -3845,17 +3855,13 @@ class Recovery:
         return len(times), sum(1 for at in times if at <= now), min(times, default=None)
 
     def _work(self):
-        while True:
-            item = self.due.take()
-            if item is None:
-                return
-            again = False
-            try:
-                again = self._poll(item)
-            except Exception:            # thread boundary: the next rescan queues it again
-                LOG.exception("recovery crashed task=%s", escape(item.task_id))
-            finally:
-                self.due.finish(item, again)
+        self.due.work(self._poll, self._crashed)
+
+    @staticmethod
+    def _crashed(item):
+        """Log; the next rescan queues the task again."""
+        LOG.exception("recovery crashed task=%s", escape(item.task_id))
+        return False
 
     def _poll(self, item):
         """One look at an overdue task. True: look again at item.due."""
