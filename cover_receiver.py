@@ -50,7 +50,7 @@ Exit status: 0 ok; 1 fetch/retry: a task did not end done; 2 bad usage or cannot
 start; 3 fetch: a task is still generating when --wait ran out.
 """
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 import argparse
 import base64

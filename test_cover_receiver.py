@@ -685,9 +685,16 @@ def test_non_json_content_type_is_415(start):
     assert code == 200
 
 
+def take_the_dir_away(receiver):
+    """Remove --dir under a running receiver. Windows cannot remove a file
+    that is open, so the serve lock (.locks/.serve) is let go first."""
+    receiver.requests.close()
+    shutil.rmtree(receiver.dir)
+
+
 def test_503_when_the_record_cannot_be_made_durable(start):
     receiver = start()
-    shutil.rmtree(receiver.dir)
+    take_the_dir_away(receiver)
     with open(receiver.dir, "w") as handle:      # the folder is now a file: nothing can be written
         handle.write("x")
     code, answer, _ = post(receiver.url, payload())
@@ -1500,7 +1507,7 @@ def test_fetch_records_a_failed_generation(api, tmp_path):
 
 def test_fetch_gives_up_on_a_task_still_generating_with_exit_3(api, tmp_path):
     api.script("forever", api_answer("forever", 2))
-    result = run_fetch(api, str(tmp_path), "forever", extra=("--wait", "0.3"))
+    result = run_fetch(api, str(tmp_path), "forever", extra=("--wait", "1"))
     assert result.returncode == 3 and "forever pending" in result.stdout
 
 
@@ -2098,7 +2105,7 @@ def test_a_flood_of_rejections_is_logged_a_few_lines_then_counted(start, caplog)
 def test_a_503_for_an_unwritable_dir_is_an_error_line(start, caplog):
     caplog.set_level("INFO", logger="cover_receiver")
     receiver = start()
-    shutil.rmtree(receiver.dir)
+    take_the_dir_away(receiver)
     with open(receiver.dir, "w") as handle:
         handle.write("x")
     assert post(receiver.url, payload())[0] == 503
