@@ -119,9 +119,15 @@ PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
 REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
-PENDING_PREFIX = ".pending."    # <dir>/.pending.<taskId>: index of unfinished tasks
-HOOK_PREFIX = ".hook."          # <dir>/.hook.<taskId>: a hook pending or failed
-NEW_PREFIX = ".new."            # <dir>/.new.<taskId>.<pid>.<n>: a task folder being built
+INDEX_DIR = ".index"            # <dir>/.index/<mark>.<taskId>: the tasks that are not done
+PENDING_MARK = "pending"        # ... an unfinished task (expected or pending)
+HOOK_MARK = "hook"              # ... a task whose hook is pending or failed
+FAILED_MARK = "failed"          # ... a failed task
+MIGRATED = ".migrated"          # <dir>/.index/.migrated: 1.2's layout was taken over
+TEMP_DIR = ".tmp"               # <dir>/.tmp: task folders being built, disk probes
+NEW_PREFIX = "new."             # <dir>/.tmp/new.<taskId>.<pid>.<n>: a task folder being built
+LEGACY_PREFIXES = {".pending.": PENDING_MARK, ".hook.": HOOK_MARK}   # 1.2's markers in <dir>
+LEGACY_TEMP = (".new.", ".probe.")                                   # 1.2's temp entries in <dir>
 LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, present while held
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
 REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
@@ -591,6 +597,8 @@ class Config:
     on_complete: tuple = None
     hook_retry_for: float = None
     hook: bool = False                  # retry --hook
+    all: bool = False                   # status --all
+    json: bool = False                  # status --json
     drain_seconds: float = None
     max_connections: int = None
     request_timeout: float = None
@@ -659,6 +667,9 @@ def build_parser():
             sub.add_argument("task_ids", nargs="+", metavar="MUSIC_TASK_ID")
         if command == "status":
             sub.add_argument("task_ids", nargs="?", metavar="TASKID")
+            sub.add_argument("--all", action="store_true", help="list every task, done ones too")
+            sub.add_argument("--json", action="store_true",
+                             help="one JSON object per task per line, for scripts")
         if command == "retry":
             sub.add_argument("task_ids", nargs="*", metavar="TASKID")
             sub.add_argument("--hook", action="store_true",
@@ -769,6 +780,10 @@ def _retry_hook(args, values, env):
     values["hook"] = args.hook
 
 
+def _status_views(args, values, env):
+    values["all"], values["json"] = args.all, args.json
+
+
 def _needs_callback_url(args, values, env):
     if not values.get("callback_url"):
         raise UsageError("generate needs --callback-url URL: where the API posts the callback")
@@ -776,7 +791,7 @@ def _needs_callback_url(args, values, env):
 
 COMMANDS = ("serve", "fetch", "retry", "status", "expect", "generate")
 COMMAND_EXTRAS = {"serve": (_serve_secrets, _api_key), "fetch": (_api_key, _task_ids),
-                  "retry": (_retry_hook, _task_ids), "status": (_task_ids,),
+                  "retry": (_retry_hook, _task_ids), "status": (_task_ids, _status_views),
                   "expect": (_task_ids,),
                   "generate": (_api_key, _task_ids, _needs_callback_url)}
 
@@ -1142,12 +1157,15 @@ class Job:
 class TaskStore:
     """Task records and covers under one folder.
 
-    A new task is built in a hidden folder, its task.json fsynced, renamed into
-    place and made durable by one fsync of <dir>; the rename fails when the task
-    exists, which is the duplicate signal. <dir>/.pending.<taskId> marks an
-    unfinished task, so start-up never reads finished records; it is made
-    before any record write, so a crash mid-write leaves a task that start-up
-    sweeps. Lock files under <dir>/.locks serialise record updates (<taskId>)
+    A new task is built in <dir>/.tmp, its task.json fsynced, renamed into
+    place and made durable by one fsync of <dir>; the rename fails when the
+    task exists, which is the duplicate signal. <dir>/.index holds an empty
+    file per task that is not done (pending.<taskId>, failed.<taskId>,
+    hook.<taskId>), so start-up, the rescan, the counts and status list only
+    that folder, never the years of finished tasks beside it. A mark is made
+    before the record write that needs it and removed after the one that
+    ends it, so a crash leaves at most a stale mark, which the record it
+    points to corrects: the record is the truth, the index a hint. Lock files under <dir>/.locks serialise record updates (<taskId>)
     and claim one image (<taskId>.<n>) across threads and processes (serve,
     fetch and retry may share a folder).
 
@@ -1159,6 +1177,8 @@ class TaskStore:
     def __init__(self, root, hooks=False):
         self.root, self.hooks = os.path.abspath(root), hooks
         self.locks = os.path.join(self.root, LOCKS_DIR)
+        self.index = os.path.join(self.root, INDEX_DIR)
+        self.tmp = os.path.join(self.root, TEMP_DIR)
         self._pid = os.getpid()
         self._serial = itertools.count()        # unique temp names without getrandom()
         self._corrupt = {}                      # taskId -> why, for tasks found corrupt
@@ -1167,21 +1187,14 @@ class TaskStore:
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
         os.makedirs(self.root, exist_ok=True)
-        info = None
-        with contextlib.suppress(FileNotFoundError):
-            info = os.lstat(self.locks)
-        if info is not None and not stat.S_ISDIR(info.st_mode):     # a link: never follow it
-            log_event("store-entry-removed", level=logging.ERROR, path=self.locks,
-                      reason="not a folder (a link?)")
-            os.unlink(self.locks)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.locks)
+        for folder in (self.locks, self.index, self.tmp):
+            own_folder(folder)
         self.probe()
 
     def probe(self):
         """A real small durable write: an empty file needs no data blocks, so
         it would succeed on a full disk."""
-        path = self._temp_name(self.root, ".probe")
+        path = self._temp_name(self.tmp, "probe")
         try:
             write_durably(path, b"\0" * PROBE_BYTES)
         finally:
@@ -1229,14 +1242,24 @@ class TaskStore:
         with self._corrupt_lock:
             self._corrupt.pop(task_id, None)
 
-    def pending_ids(self, names=None, prefix=PENDING_PREFIX):
-        names = os.listdir(self.root) if names is None else names
-        return sorted(n[len(prefix):] for n in names if n.startswith(prefix)
+    def marked(self, mark=PENDING_MARK):
+        """The taskIds with that mark in the index (a listing of .index only)."""
+        prefix = mark + "."
+        return sorted(n[len(prefix):] for n in os.listdir(self.index) if n.startswith(prefix)
                       and TASK_ID_RE.fullmatch(n[len(prefix):]))
+
+    def has_tasks(self):
+        """Whether <dir> holds any task: the listing stops at the first one."""
+        with os.scandir(self.root) as entries:
+            return any(TASK_ID_RE.fullmatch(entry.name) for entry in entries)
+
+    def indexed(self):
+        """Whether the index holds every task not done (1.2's layout taken over)."""
+        return os.path.exists(os.path.join(self.index, MIGRATED))
 
     def pending_count(self):
         try:
-            return len(self.pending_ids())
+            return len(self.marked())
         except OSError:
             return 0
 
@@ -1244,12 +1267,32 @@ class TaskStore:
         """Every task's record; a corrupt one as {taskId, status: corrupt, error}."""
         for name in sorted(os.listdir(self.root)):
             if TASK_ID_RE.fullmatch(name):
-                try:
-                    record = self.read(name)
-                except CorruptRecord as exc:
-                    record = {"taskId": name, "status": CORRUPT, "error": str(exc)}
+                record = self._record_or_corrupt(name)
                 if record is not None:
                     yield record
+
+    def not_done(self):
+        """The records of every task that is not done (expected, pending,
+        failed, corrupt, or a hook not done), from the index alone: its cost
+        does not grow with the done tasks. Before the index exists (a folder
+        1.2 wrote, not yet started by serve) it falls back to records()."""
+        if not self.indexed():
+            return [r for r in self.records() if r["status"] != DONE
+                    or hook_state(r) in (PENDING, FAILED)]
+        found = []
+        for task_id in sorted(set(self.marked()) | set(self.marked(FAILED_MARK))
+                              | set(self.marked(HOOK_MARK))):
+            record = self._record_or_corrupt(task_id)
+            if record is not None and (record["status"] != DONE
+                                       or hook_state(record) in (PENDING, FAILED)):
+                found.append(record)                # a stale mark is skipped
+        return found
+
+    def _record_or_corrupt(self, task_id):
+        try:
+            return self.read(task_id)
+        except CorruptRecord as exc:
+            return {"taskId": task_id, "status": CORRUPT, "error": str(exc)}
 
     # -- accepting a callback ------------------------------------------------
 
@@ -1334,7 +1377,7 @@ class TaskStore:
     def _create(self, task_id, record):
         """Two fsyncs: task.json in a hidden folder, then <dir> after the
         folder is renamed into place. False when the task exists already."""
-        building, path = self._temp_name(self.root, NEW_PREFIX + task_id), self.task_dir(task_id)
+        building, path = self._temp_name(self.tmp, NEW_PREFIX + task_id), self.task_dir(task_id)
         os.mkdir(building)
         try:
             write_durably(os.path.join(building, "task.json"), encode_record(record))
@@ -1344,10 +1387,8 @@ class TaskStore:
             if os.path.lexists(path):
                 return False
             raise
-        if record["status"] in UNFINISHED:
-            self._mark(task_id)
-        if hook_state(record) == PENDING:
-            self._mark(task_id, HOOK_PREFIX)
+        if self._mark_for(task_id, record):
+            Platform.fsync_dir(self.index)
         Platform.fsync_dir(self.root)
         return True
 
@@ -1374,11 +1415,9 @@ class TaskStore:
             if changed is None:
                 # Another delivery may still be inside its fsync, or its fsync
                 # failed: make what we are about to report durable ourselves.
-                if record["status"] in UNFINISHED:
-                    self._mark(task_id)
-                if hook_state(record) == PENDING:       # a crash before its marker was made
-                    self._mark(task_id, HOOK_PREFIX)
+                self._mark_for(task_id, record)         # a crash before they were made
                 Platform.fsync_dir(self.task_dir(task_id))
+                Platform.fsync_dir(self.index)
                 Platform.fsync_dir(self.root)
                 return "duplicate", record
             self._write_marked(task_id, changed)
@@ -1504,14 +1543,14 @@ class TaskStore:
             record["hook"].update(fields)
             self._write(task_id, record)
             if record["hook"]["status"] == DONE:
-                self._unmark(task_id, HOOK_PREFIX)
+                self._unmark(task_id, HOOK_MARK)
             return record["hook"]
 
     def hook_work(self, known=()):
         """(hooks to run as [(taskId, due, endedAt, tries)] in unix times,
         taskIds whose hook failed), from the hook markers."""
         work, failed = [], set()
-        for task_id in self.pending_ids(prefix=HOOK_PREFIX):
+        for task_id in self.marked(HOOK_MARK):
             record = None if task_id in known else self.read_or_none(task_id)
             state = hook_state(record) if record else None
             if state == PENDING:
@@ -1521,25 +1560,23 @@ class TaskStore:
             elif state == FAILED:
                 failed.add(task_id)
             elif record is not None:            # done, or reopened since
-                self._unmark(task_id, HOOK_PREFIX)
+                self._unmark(task_id, HOOK_MARK)
         return work, failed
 
     # -- start-up --------------------------------------------------------------
 
     def recover(self, expected=None):
         """Start-up sweep: remove what dead writers left (temp folders and
-        files, lock files), migrate 1.0's index, and return the pending work
-        as pending_jobs() gives it."""
-        names = os.listdir(self.root)
-        for name in names:
-            if name.startswith((NEW_PREFIX, ".probe.")):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)  # no link followed
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.root, name))
+        files, lock files), take over an older layout once, and return the
+        pending work as pending_jobs() gives it. It lists .tmp, .locks and
+        .index, never <dir> itself (but for the one take-over)."""
+        for name in os.listdir(self.tmp):
+            self._never_fatal(name, remove_entry, os.path.join(self.tmp, name))
         for name in os.listdir(self.locks):
             self._never_fatal(name, self._remove_stale_lock, name)
-        names += self._migrate_legacy_index()
-        for task_id in self.pending_ids(names):
+        if not self.indexed():
+            self._migrate()
+        for task_id in self.marked():
             self._never_fatal(task_id, self._sweep_locked, task_id)
         return self.pending_work(expected=expected)
 
@@ -1566,7 +1603,7 @@ class TaskStore:
         of expected ones appended to expected; markers of tasks that ended
         are removed, those of corrupt tasks kept."""
         work = []
-        for task_id in self.pending_ids():
+        for task_id in self.marked():
             if task_id in known:
                 continue
             try:
@@ -1575,7 +1612,7 @@ class TaskStore:
                 self.note_corrupt(task_id, exc)
                 continue
             if record is None or record["status"] not in UNFINISHED:
-                self._unmark(task_id)
+                self._unmark(task_id, PENDING_MARK)
                 self._forget_corrupt(task_id)
             elif record["status"] == EXPECTED and expected is not None:
                 expected.append(record)
@@ -1615,29 +1652,28 @@ class TaskStore:
             if record is None or record["status"] != PENDING or index >= len(record["files"]):
                 return None
             ended = change(record)
-            if ended and record["hook"]:        # the hand-off's marker before the write
-                self._mark(task_id, HOOK_PREFIX)
+            marked = ended and self._mark_for(task_id, record)   # before the write
             self._write(task_id, record)
             if ended:
-                if record["hook"]:
-                    Platform.fsync_dir(self.root)   # durable before the other marker goes
-                self._unmark(task_id)
+                if marked:
+                    Platform.fsync_dir(self.index)  # durable before the pending mark goes
+                self._unmark(task_id, PENDING_MARK)
             return ended
 
     def _write_marked(self, task_id, record):
-        """_write() a record that a callback or retry changed. The marker comes
-        first, so a crash mid-write leaves a task that start-up sweeps; it
-        stays only while the task is pending."""
-        handing_off = hook_state(record) == PENDING       # a failure callback ended it
-        self._mark(task_id)
-        if handing_off:
-            self._mark(task_id, HOOK_PREFIX)
+        """_write() a record that a callback, retry or recovery changed. The
+        pending mark comes first, so a crash mid-write leaves a task that
+        start-up sweeps; the marks the new record does not need go after."""
+        self._mark(task_id, PENDING_MARK)
+        self._mark_for(task_id, record)
         self._write(task_id, record)
         if record["status"] not in UNFINISHED:
-            self._unmark(task_id)
-        if not handing_off and self.hooks:      # reopened: its old hand-off is moot
-            self._unmark(task_id, HOOK_PREFIX)
-        Platform.fsync_dir(self.root)
+            self._unmark(task_id, PENDING_MARK)
+        if record["status"] != FAILED:
+            self._unmark(task_id, FAILED_MARK)
+        if hook_state(record) is None:          # reopened: its old hand-off is moot
+            self._unmark(task_id, HOOK_MARK)
+        Platform.fsync_dir(self.index)
 
     def _locked(self, task_id):
         return LockFile(self._lock_path(task_id))
@@ -1682,29 +1718,51 @@ class TaskStore:
             raise
         Platform.fsync_dir(path)
 
-    def _mark(self, task_id, prefix=PENDING_PREFIX):
-        """The caller fsyncs <dir>, which makes the marker durable."""
-        os.close(Platform.open_here(os.path.join(self.root, prefix + task_id),
+    def _mark(self, task_id, mark):
+        """The caller fsyncs .index, which makes the mark durable."""
+        os.close(Platform.open_here(os.path.join(self.index, "%s.%s" % (mark, task_id)),
                                     os.O_WRONLY | os.O_CREAT))
 
-    def _unmark(self, task_id, prefix=PENDING_PREFIX):
+    def _unmark(self, task_id, mark):
         with contextlib.suppress(FileNotFoundError):
-            remove_entry(os.path.join(self.root, prefix + task_id))
+            remove_entry(os.path.join(self.index, "%s.%s" % (mark, task_id)))
 
-    def _migrate_legacy_index(self):
-        """1.0 kept <dir>/.pending/<taskId>: turn it into markers."""
+    def _mark_for(self, task_id, record):
+        """Make the marks record needs (the caller fsyncs .index); True when
+        it needs any."""
+        marks = [mark for mark, needed in (
+            (PENDING_MARK, record["status"] in UNFINISHED), (FAILED_MARK, record["status"] == FAILED),
+            (HOOK_MARK, hook_state(record) in (PENDING, FAILED))) if needed]
+        for mark in marks:
+            self._mark(task_id, mark)
+        return bool(marks)
+
+    def _migrate(self):
+        """Once: take over 1.2's markers in <dir> (and 1.0's .pending/ folder),
+        remove its temp entries, and mark every failed task by reading each
+        record. The one time <dir> itself is listed; .migrated ends it."""
+        names = os.listdir(self.root)
+        tasks = sum(1 for name in names if TASK_ID_RE.fullmatch(name))
+        if tasks:
+            log_event("index-migrating", tasks=tasks, note="once: reads every task.json")
         legacy = os.path.join(self.root, LEGACY_PENDING_DIR)
-        try:
-            if not stat.S_ISDIR(os.lstat(legacy).st_mode):     # a link is not followed
-                return []
-        except FileNotFoundError:
-            return []
-        moved = [name for name in os.listdir(legacy) if TASK_ID_RE.fullmatch(name)]
-        for task_id in moved:
-            self._mark(task_id)
-        Platform.fsync_dir(self.root)
+        if os.path.isdir(legacy) and not os.path.islink(legacy):
+            names += [".pending." + n for n in os.listdir(legacy)]
+        for name in names:
+            prefix = next((p for p in LEGACY_PREFIXES if name.startswith(p)), None)
+            if prefix and TASK_ID_RE.fullmatch(name[len(prefix):]):
+                self._mark(name[len(prefix):], LEGACY_PREFIXES[prefix])
+            elif TASK_ID_RE.fullmatch(name):
+                record = self.read_or_none(name)
+                if record is not None:
+                    self._mark_for(name, record)
+        Platform.fsync_dir(self.index)
+        for name in names:
+            if name.startswith(tuple(LEGACY_PREFIXES) + LEGACY_TEMP):
+                self._never_fatal(name, remove_entry, os.path.join(self.root, name))
         shutil.rmtree(legacy, ignore_errors=True)
-        return [PENDING_PREFIX + task_id for task_id in moved]
+        write_durably(os.path.join(self.index, MIGRATED), b"")
+        Platform.fsync_dir(self.index)
 
 
 def open_store(config):
@@ -1716,6 +1774,18 @@ def open_store(config):
         raise UsageError("--dir %s is not writable: %s"
                          % (config.dir, exc.strerror or exc)) from None
     return store
+
+
+def own_folder(path):
+    """Make the store's own folder at path; whatever else stands there (a
+    link, never followed; a file) is removed first and logged."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            log_event("store-entry-removed", level=logging.ERROR, path=path,
+                      reason="not a folder (a link?)")
+            remove_entry(path)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
 
 
 def existing_store(config):
@@ -1743,11 +1813,7 @@ class RequestBox:
     def open(self):
         """serve: make the folder and hold the lock (a second serve on the
         same <dir> takes requests too, without the lock)."""
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISDIR(os.lstat(self.folder).st_mode):     # a link: never follow it
-                os.unlink(self.folder)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.folder)
+        own_folder(self.folder)
         if not self._lock.acquire(wait=False):
             log_event("second-serve", level=logging.WARNING, dir=os.path.dirname(self.folder),
                       note="another serve runs on this folder; both take its work")
@@ -4155,7 +4221,7 @@ def run_retry(config, env):
 def failed_tasks(store, hooks):
     if hooks:
         return tuple(sorted(store.hook_work()[1]))
-    return tuple(r["taskId"] for r in store.records() if r.get("status") == FAILED)
+    return tuple(r["taskId"] for r in store.not_done() if r.get("status") == FAILED)
 
 
 def images_settled(record):
@@ -4266,30 +4332,78 @@ def hook_reason(record):
 
 
 def run_status(config, env):
+    """status: a summary line and every task that is not done, newest first
+    (--all: every task, the summary last); --json: one object per line."""
     store = TaskStore(config.dir)
     if not os.path.isdir(store.root):
         raise UsageError("--dir %s does not exist" % config.dir)
     if config.task_ids:
-        try:
-            record = store.read(config.task_ids[0])
-        except CorruptRecord as exc:
-            print("task %s is corrupt: %s" % (config.task_ids[0], exc), file=sys.stderr)
-            return 1
-        if record is None:
-            print("no task %s in %s" % (config.task_ids[0], config.dir), file=sys.stderr)
-            return 1
-        print(json.dumps(record, indent=2))
-        return 0
-    width = shutil.get_terminal_size((120, 24)).columns
-    row = "%-34s %-8s %-6s %-24s %s"
-    print(row % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
-    for record in store.records():
-        files = record.get("files") or []
-        line = row % (record.get("taskId"), record.get("status"),
-                      "%d/%d" % (sum(1 for f in files if f), len(files)),
-                      record.get("updatedAt") or "-", escape(task_reason(record), 1000))
-        print(line if len(line) <= width else line[:max(width - 3, 80)] + "...")
+        return print_record(store, config.task_ids[0])
+    records = store.records() if config.all else sorted(
+        store.not_done(), key=lambda r: r.get("updatedAt") or "", reverse=True)
+    table = StatusTable(shutil.get_terminal_size((120, 24)).columns, config.json)
+    if not config.all:
+        table.summary(records, store)
+    for record in records:
+        table.row(record)
+    if config.all:
+        table.summary(None, store)
     return 0
+
+
+def print_record(store, task_id):
+    try:
+        record = store.read(task_id)
+    except CorruptRecord as exc:
+        print("task %s is corrupt: %s" % (task_id, exc), file=sys.stderr)
+        return 1
+    if record is None:
+        print("no task %s in %s" % (task_id, store.root), file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+class StatusTable:
+    """status's output: rows cut to the terminal (the reason last), or one
+    JSON object per task; a summary line of tasks by status."""
+
+    ROW = "%-34s %-8s %-6s %-24s %s"
+
+    def __init__(self, width, as_json):
+        self.width, self.as_json = width, as_json
+        self.counts = collections.Counter()
+        self._header = not as_json
+
+    def row(self, record):
+        self.counts[record.get("status")] += 1
+        if self.as_json:
+            print(json.dumps(record))
+            return
+        if self._header:
+            self._header = False
+            print(self.ROW % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
+        files = record.get("files") or []
+        line = self.ROW % (record.get("taskId"), record.get("status"),
+                           "%d/%d" % (sum(1 for f in files if f), len(files)),
+                           record.get("updatedAt") or "-", escape(task_reason(record), 1000))
+        print(line if len(line) <= self.width else line[:max(self.width - 3, 80)] + "...")
+
+    def summary(self, records, store):
+        """Before the rows (records given: counted first), or after them."""
+        counts = collections.Counter(r.get("status") for r in records) if records is not None \
+            else self.counts
+        if not sum(counts.values()):
+            text = ("every task in %s is done (status --all lists them)" % store.root
+                    if store.has_tasks() else "no tasks in %s" % store.root)
+        else:
+            text = ", ".join("%d %s" % (counts[k], k) for k in
+                             (EXPECTED, PENDING, FAILED, CORRUPT, DONE) if counts[k])
+            text += "" if records is None else " (tasks not done; done ones: status --all)"
+        if self.as_json:
+            print(json.dumps({"summary": dict(counts), "dir": store.root}))
+        else:
+            print(text)
 
 
 def main(argv=None, env=None):

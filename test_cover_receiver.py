@@ -13,6 +13,7 @@ import http.client
 import http.server
 import json
 import os
+import pathlib
 import re
 import select
 import shutil
@@ -140,17 +141,17 @@ def visible_entries(folder):
 
 
 def leftovers(folder):
-    """Every entry below folder, hidden ones included, but the running serve's
-    own: its lock and the lock folder (lock files exist only while held), and
-    the request folder while it is empty."""
-    serve_lock = "%s/%s" % (cr.LOCKS_DIR, cr.SERVE_LOCK)
+    """Every entry below folder, hidden ones included, but the store's own
+    folders (lock, request, index and temp folders) and the two files that
+    stay while it runs: serve's lock and the index's migration mark."""
+    own = {cr.LOCKS_DIR, cr.REQUESTS_DIR, cr.INDEX_DIR, cr.TEMP_DIR,
+           "%s/%s" % (cr.LOCKS_DIR, cr.SERVE_LOCK), "%s/%s" % (cr.INDEX_DIR, cr.MIGRATED)}
     found = []
     for parent, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
-            if path in (cr.LOCKS_DIR, cr.REQUESTS_DIR, serve_lock):
-                continue
-            found.append(path)
+            if path not in own:
+                found.append(path)
     return sorted(found)
 
 
@@ -565,8 +566,17 @@ def test_status_lists_tasks_and_prints_one_record(start, cdn, capfd):
     post(receiver.url, payload("failed1", code=501, images=None, msg="nope"))
     wait_status(receiver.dir, "done1", "done")
     assert cr.main(["status", "--dir", receiver.dir], env={}) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert lines[0] == "1 failed (tasks not done; done ones: status --all)"
+    assert re.match(r"failed1\s+failed\s+0/0 .*code 501: nope", lines[2]) and len(lines) == 3
+    assert cr.main(["status", "--dir", receiver.dir, "--all"], env={}) == 0
     table = capfd.readouterr().out
     assert re.search(r"done1\s+done\s+1/1", table) and re.search(r"failed1\s+failed\s+0/0", table)
+    assert table.splitlines()[-1] == "1 failed, 1 done"
+    assert cr.main(["status", "--dir", receiver.dir, "--all", "--json"], env={}) == 0
+    objects = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert [o.get("taskId") for o in objects] == ["done1", "failed1", None]
+    assert objects[-1]["summary"] == {"done": 1, "failed": 1}
     assert cr.main(["status", "--dir", receiver.dir, "done1"], env={}) == 0
     assert json.loads(capfd.readouterr().out)["files"] == ["cover_1.png"]
     assert cr.main(["status", "--dir", receiver.dir, "unknown"], env={}) == 1
@@ -798,7 +808,8 @@ def test_failure_callback_is_recorded_failed_without_download(start, cdn):
     failed = record(receiver.dir, "gen-failed")
     assert (failed["status"], failed["code"], failed["msg"]) == ("failed", 531, "credits refunded")
     assert failed["images"] == [] and "531" in failed["error"]
-    assert cdn.hits == {} and leftovers(receiver.dir) == ["gen-failed", "gen-failed/task.json"]
+    assert cdn.hits == {} and leftovers(receiver.dir) == [
+        ".index/failed.gen-failed", "gen-failed", "gen-failed/task.json"]
 
 
 def test_success_after_failure_callback_downloads(start, cdn):
@@ -1031,10 +1042,18 @@ def test_every_redirect_hop_is_checked_again(start, cdn):
 # 7. Start and stop
 # ---------------------------------------------------------------------------
 
-def pending_on_disk(folder, task_id, url, version_1_0=False):
-    """A pending task as a killed receiver leaves it (or as version 1.0 did)."""
+def index_mark(folder, mark, task_id):
+    """The index entry that marks task_id (pending, failed or hook)."""
+    return pathlib.Path(folder) / cr.INDEX_DIR / ("%s.%s" % (mark, task_id))
+
+
+def pending_on_disk(folder, task_id, url, version_1_0=False, version_1_2=False):
+    """A pending task as a killed receiver leaves it (or as version 1.0 or
+    1.2 did: a .pending/ folder, or markers beside the task folders)."""
     stored = cr.new_record(cr.Callback(task_id, 200, "success", (url,)))
-    index = folder / (".pending.%s" % task_id)
+    index = index_mark(folder, "pending", task_id)
+    if version_1_2:
+        index = folder / (".pending.%s" % task_id)
     if version_1_0:
         for field in ("tries", "lastError", "nextTryAt"):
             del stored[field]
@@ -1043,6 +1062,7 @@ def pending_on_disk(folder, task_id, url, version_1_0=False):
     (folder / task_id / "task.json").write_text(json.dumps(stored))
     index.parent.mkdir(exist_ok=True)
     index.touch()
+    return stored
 
 
 def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tmp_path):
@@ -1050,7 +1070,11 @@ def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tm
     pending_on_disk(folder, "old", cdn.route("/old.png", ok(PNG)))
     (folder / "old" / ".cover_1.part").write_bytes(b"half")
     (folder / "old" / ".task.json.dead.tmp").write_text("{")
-    # What a kill leaves elsewhere: a task folder being built, a probe, a lock file.
+    # What a kill leaves elsewhere: a task folder being built, a probe, a lock
+    # file; and the same as 1.2 left them, beside the task folders.
+    (folder / ".tmp" / "new.gone.123.0").mkdir(parents=True)
+    (folder / ".tmp" / "new.gone.123.0" / "task.json").write_text("{")
+    (folder / ".tmp" / "probe.123.1").write_bytes(b"\0")
     (folder / ".new.gone.123.0").mkdir()
     (folder / ".new.gone.123.0" / "task.json").write_text("{")
     (folder / ".probe.123.1").write_bytes(b"\0")
@@ -1067,6 +1091,40 @@ def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path)
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "v10", "done")["files"] == ["cover_1.png"]
     assert leftovers(folder) == ["v10", "v10/cover_1.png", "v10/task.json"]
+
+
+def test_start_takes_over_the_layout_of_version_1_2_once(start, cdn, tmp_path, capfd):
+    folder = tmp_path / "covers"
+    pending_on_disk(folder, "v12", cdn.route("/v12.png", ok(PNG)), version_1_2=True)
+    failed = cr.new_record(cr.Callback("oldfail", 501, "no", ()))   # 1.2 marked no failed task
+    (folder / "oldfail").mkdir()
+    (folder / "oldfail" / "task.json").write_bytes(cr.encode_record(failed))
+    (folder / ".new.gone.1.0").mkdir()
+    receiver = start(*allow_loopback())
+    assert wait_status(receiver.dir, "v12", "done")["files"] == ["cover_1.png"]
+    assert leftovers(folder) == [".index/failed.oldfail", "oldfail", "oldfail/task.json",
+                                 "v12", "v12/cover_1.png", "v12/task.json"]
+    assert (folder / ".index" / ".migrated").exists()
+    assert cr.main(["status", "--dir", str(folder)], env={}) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert lines[0].startswith("1 failed") and lines[2].startswith("oldfail ")
+
+
+def test_status_lists_what_is_not_done_newest_first_and_says_when_there_is_nothing(
+        start, cdn, tmp_path, capfd):
+    folder = tmp_path / "covers"
+    assert cr.main(["status", "--dir", str(start().dir)], env={}) == 0
+    assert capfd.readouterr().out == "no tasks in %s\n" % folder
+    expect(folder, "first")
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("second", code=501, images=None, msg="no"))
+    post(receiver.url, payload("third", [cdn.route("/t.png", status(503))]))
+    post(receiver.url, payload("fine", [cdn.route("/f.png", ok(PNG))]))
+    wait_status(receiver.dir, "fine", "done")
+    assert cr.main(["status", "--dir", str(folder)], env={}) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert lines[0] == "1 expected, 1 pending, 1 failed (tasks not done; done ones: status --all)"
+    assert [line.split()[0] for line in lines[2:]] == ["third", "second", "first"]
 
 
 def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
@@ -2210,7 +2268,8 @@ def plant_corrupt(folder, task_id, shape):
         os.mkfifo(str(target))
     else:
         target.write_bytes(maker(task_id))
-    (folder / (".pending." + task_id)).touch()
+    index_mark(folder, "pending", task_id).parent.mkdir(exist_ok=True)
+    index_mark(folder, "pending", task_id).touch()
 
 
 def healthz(receiver):
@@ -2336,7 +2395,7 @@ def link_a_cover(covers, outside, url, phase):
 
 def link_the_marker(covers, outside, url, phase):
     if phase == "running":
-        os.symlink(str(outside / "created-through-a-link"), str(covers / ".pending.T1"))
+        os.symlink(str(outside / "created-through-a-link"), str(index_mark(covers, "pending", "T1")))
 
 
 LINK_PLANTS = [link_the_task_folder, link_the_lock_folder, link_the_part_file, link_the_record,
@@ -2679,7 +2738,7 @@ def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, t
 def test_a_reopened_record_is_written_only_while_marked(start, cdn, fsync_faults):
     faults, events = fsync_faults
     receiver, body, folder = failed_task(start, cdn, "mark")
-    marker = os.path.join(os.path.abspath(receiver.dir), ".pending.mark")
+    marker = str(index_mark(receiver.dir, "pending", "mark"))
     hang = threading.Event()
     faults[folder] = [hang]                # the reopened record's write hangs mid-way
     sender = threading.Thread(target=post, args=(receiver.url, body))
@@ -2699,7 +2758,7 @@ def test_start_up_sweeps_a_temp_record_a_kill_left_in_a_failed_task(start, tmp_p
     (covers / "left" / "task.json").write_text(json.dumps(stored))
     (covers / "left" / ".task.json.4242.7").write_bytes(b'{"half": ')
     receiver = start()
-    assert leftovers(receiver.dir) == ["left", "left/task.json"]
+    assert leftovers(receiver.dir) == [".index/failed.left", "left", "left/task.json"]
 
 
 def test_retry_of_a_pending_task_says_when_it_is_tried_instead_of_blocking(tmp_path):
@@ -2761,7 +2820,8 @@ def plant_entry(path, kind, outside):
 # Where the store keeps files of its own, something else may have been put.
 PLANT_PLACES = {".locks/X": "before start", "X/.task.json.1.2": "before start",
                 "X/.cover_1.part": "before start", "X/cover_1.png": "before start",
-                ".pending.X": "running"}
+                ".index/pending.X": "running", ".index/failed.X": "running",
+                ".tmp": "before start"}
 
 
 @posix_only
@@ -2926,7 +2986,7 @@ def test_a_failure_callback_whose_hook_marker_a_crash_lost_gets_it_from_the_retr
     (covers / "lost" / "task.json").write_bytes(cr.encode_record(stored))   # no .hook.lost
     receiver = start("--on-complete", script)
     assert post(receiver.url, payload("lost", None, code=501, msg="no"))[1]["status"] == "duplicate"
-    assert os.path.exists(str(covers / ".hook.lost"))
+    assert index_mark(covers, "hook", "lost").exists()
     receiver.next_rescan = 0                       # the minute's rescan, now
     hook_of(receiver.dir, "lost", "done")
     assert runs_of(runs, "lost") == [["1", "failed"]]
