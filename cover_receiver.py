@@ -1084,7 +1084,13 @@ def read_regular_file(path, limit):
             raise CorruptRecord("%s is not a regular file" % name)
         if info.st_size > limit:
             raise CorruptRecord("%s is larger than %d bytes" % (name, limit))
-        data = os.read(fd, limit + 1)
+        # Read what fstat says is there (plus one byte, to see it grew past
+        # limit): a read of limit bytes would allocate a 1 MiB buffer each time.
+        data = os.read(fd, info.st_size + 1)
+        if info.st_size < len(data) <= limit:       # it grew since: read up to the bound
+            data += os.read(fd, limit + 1 - len(data))
+        if len(data) > limit:
+            raise CorruptRecord("%s is larger than %d bytes" % (name, limit))
     except OSError as exc:
         raise CorruptRecord("%s cannot be read: %s" % (name, os_reason(exc))) from None
     finally:
@@ -1097,6 +1103,53 @@ def os_reason(exc):
     code = errno.errorcode.get(exc.errno)
     text = exc.strerror or str(exc)
     return "%s (%s)" % (text, code) if code else text
+
+
+class SharedSync:
+    """fsync of one folder, shared by the threads that need it at once (group
+    commit). A caller needs an fsync that began after its own change. It
+    starts one at once unless two are running (so one slow fsync never holds
+    back the next caller), else it waits, and the next fsync then serves
+    every caller that came meanwhile: eight callbacks arriving together cost
+    about three fsyncs, not eight. A failed fsync serves nobody: those who
+    waited on it need a newer one."""
+
+    MAX_RUNNING = 2
+
+    def __init__(self, path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = self._synced = self._failed = 0     # generations: begun, newest ok, newest failed
+        self._running = 0
+
+    def sync(self):
+        with self._cond:
+            needed = self._started + 1          # one that begins after this change
+            while self._synced < needed:
+                if self._failed >= needed:
+                    needed = self._started + 1  # what served us failed: a newer one
+                if self._started >= needed or self._running >= self.MAX_RUNNING:
+                    self._cond.wait()
+                    continue
+                self._started += 1
+                self._run(self._started)
+
+    def _run(self, generation):
+        """Called and returning with the condition held."""
+        self._running += 1
+        self._cond.release()
+        ok = False
+        try:
+            Platform.fsync_dir(self.path)
+            ok = True
+        finally:
+            self._cond.acquire()
+            self._running -= 1
+            if ok:
+                self._synced = max(self._synced, generation)
+            else:
+                self._failed = max(self._failed, generation)
+            self._cond.notify_all()
 
 
 class LockFile:
@@ -1179,6 +1232,7 @@ class TaskStore:
         self.locks = os.path.join(self.root, LOCKS_DIR)
         self.index = os.path.join(self.root, INDEX_DIR)
         self.tmp = os.path.join(self.root, TEMP_DIR)
+        self._sync_root, self._sync_index = SharedSync(self.root), SharedSync(self.index)
         self._pid = os.getpid()
         self._serial = itertools.count()        # unique temp names without getrandom()
         self._corrupt = {}                      # taskId -> why, for tasks found corrupt
@@ -1388,8 +1442,8 @@ class TaskStore:
                 return False
             raise
         if self._mark_for(task_id, record):
-            Platform.fsync_dir(self.index)
-        Platform.fsync_dir(self.root)
+            self._sync_index.sync()
+        self._sync_root.sync()
         return True
 
     def _done(self, task_id):
@@ -1417,8 +1471,8 @@ class TaskStore:
                 # failed: make what we are about to report durable ourselves.
                 self._mark_for(task_id, record)         # a crash before they were made
                 Platform.fsync_dir(self.task_dir(task_id))
-                Platform.fsync_dir(self.index)
-                Platform.fsync_dir(self.root)
+                self._sync_index.sync()
+                self._sync_root.sync()
                 return "duplicate", record
             self._write_marked(task_id, changed)
             return "received", changed
@@ -1656,7 +1710,7 @@ class TaskStore:
             self._write(task_id, record)
             if ended:
                 if marked:
-                    Platform.fsync_dir(self.index)  # durable before the pending mark goes
+                    self._sync_index.sync()         # durable before the pending mark goes
                 self._unmark(task_id, PENDING_MARK)
             return ended
 
@@ -1673,7 +1727,7 @@ class TaskStore:
             self._unmark(task_id, FAILED_MARK)
         if hook_state(record) is None:          # reopened: its old hand-off is moot
             self._unmark(task_id, HOOK_MARK)
-        Platform.fsync_dir(self.index)
+        self._sync_index.sync()
 
     def _locked(self, task_id):
         return LockFile(self._lock_path(task_id))

@@ -155,6 +155,13 @@ def leftovers(folder):
     return sorted(found)
 
 
+def settled(folder, expected):
+    """leftovers(folder) becomes expected: a task's pending mark goes just
+    after the record write that ends it."""
+    wait_for(lambda: leftovers(folder) == expected,
+             what="%s to hold only %s, not %s" % (folder, expected, leftovers(folder)))
+
+
 def read(path):
     with open(path, "rb") as handle:
         return handle.read()
@@ -1082,7 +1089,7 @@ def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tm
     (folder / ".locks" / "done1.1").touch()
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "old", "done")["files"] == ["cover_1.png"]
-    assert leftovers(folder) == ["old", "old/cover_1.png", "old/task.json"]
+    settled(folder, ["old", "old/cover_1.png", "old/task.json"])
 
 
 def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path):
@@ -1090,7 +1097,7 @@ def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path)
     pending_on_disk(folder, "v10", cdn.route("/v.png", ok(PNG)), version_1_0=True)
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "v10", "done")["files"] == ["cover_1.png"]
-    assert leftovers(folder) == ["v10", "v10/cover_1.png", "v10/task.json"]
+    settled(folder, ["v10", "v10/cover_1.png", "v10/task.json"])
 
 
 def test_start_takes_over_the_layout_of_version_1_2_once(start, cdn, tmp_path, capfd):
@@ -1102,8 +1109,8 @@ def test_start_takes_over_the_layout_of_version_1_2_once(start, cdn, tmp_path, c
     (folder / ".new.gone.1.0").mkdir()
     receiver = start(*allow_loopback())
     assert wait_status(receiver.dir, "v12", "done")["files"] == ["cover_1.png"]
-    assert leftovers(folder) == [".index/failed.oldfail", "oldfail", "oldfail/task.json",
-                                 "v12", "v12/cover_1.png", "v12/task.json"]
+    settled(folder, [".index/failed.oldfail", "oldfail", "oldfail/task.json",
+                     "v12", "v12/cover_1.png", "v12/task.json"])
     assert (folder / ".index" / ".migrated").exists()
     assert cr.main(["status", "--dir", str(folder)], env={}) == 0
     lines = capfd.readouterr().out.splitlines()
@@ -1914,6 +1921,32 @@ def fsync_faults(monkeypatch):
 def answered_after_a_durable_dir(events, answer, root):
     before = events[:events.index(answer)]
     return ("fsync", root) in before
+
+
+def test_concurrent_fsyncs_of_one_folder_are_shared_and_each_caller_gets_a_later_one(
+        tmp_path, monkeypatch):
+    runs, lock = [], threading.Lock()
+
+    def slow_fsync(path):                           # a disk that takes 50 ms per fsync
+        began = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            runs.append((began, time.monotonic()))
+    monkeypatch.setattr(cr.Platform, "fsync_dir", staticmethod(slow_fsync))
+    shared, calls = cr.SharedSync(str(tmp_path)), []
+
+    def caller():
+        called = time.monotonic()
+        shared.sync()
+        calls.append((called, time.monotonic()))
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert len(calls) == 8 and len(runs) < 8
+    for called, returned in calls:                  # a whole fsync between call and return
+        assert any(called <= began and ended <= returned for began, ended in runs)
 
 
 def test_a_racing_delivery_answers_only_after_the_record_is_durable(start, fsync_faults):

@@ -120,11 +120,11 @@ def disk_rate(work, seconds, threads=8):
     return next(serial) / seconds
 
 
-def baseline_receiver(role):
+def baseline_receiver(role, parent):
     """naive: the seed's pattern, every image fetched before the 200.
     durable: the bare minimum of a durable receiver, durable_write() for each
     callback, with no validation, dedupe or logging."""
-    root = tempfile.mkdtemp(prefix="cover-bench-durable-", dir=os.environ.get("BENCH_DIR"))
+    root = tempfile.mkdtemp(prefix="durable-", dir=parent)     # inside the run's folder
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -151,8 +151,8 @@ class Baseline:
     """A baseline server from this file run as its own process, like the
     receiver, so neither competes with the senders for this process's GIL."""
 
-    def __init__(self, role):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", role],
+    def __init__(self, role, work):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", role, "--work", work],
                                      stdout=subprocess.PIPE, text=True)
         self.port = int(self.proc.stdout.readline())
         self.url = "http://127.0.0.1:%d/suno-cover-callback" % self.port
@@ -290,7 +290,7 @@ def ack_latency(work, n, naive_n, delay):
         alone = send_all(receiver.url, [callback("one%d" % i, images) for i in range(n // 4)], 1)
     finally:
         receiver.stop()
-    naive = Baseline("naive")
+    naive = Baseline("naive", work)
     try:
         theirs = send_all(naive.url, [callback("n%d" % i, images) for i in range(naive_n)], 8)
     finally:
@@ -388,7 +388,7 @@ def durable_rates(work, rounds, seconds):
         for peer in peers[n % len(peers):] + peers[:n % len(peers)]:
             folder = os.path.join(work, "rate-%s-%d" % (peer, n))
             server = {"receiver": lambda: Receiver(folder), "flask": lambda: FlaskPeer(folder),
-                      "durable": lambda: Baseline("durable")}[peer]()
+                      "durable": lambda: Baseline("durable", work)}[peer]()
             try:
                 results[peer].append(wrk_rate(server, seconds, script))
             finally:
@@ -462,7 +462,7 @@ def throughput(work, label, count, size, workers=4):
 def startup(work, finished, pending):
     def prepare(name, done, waiting):
         folder = os.path.join(work, name)
-        os.makedirs(folder)
+        own_layout(folder)
         for i in range(done + waiting):
             task = "%s%06d" % (name, i)
             os.mkdir(os.path.join(folder, task))
@@ -476,7 +476,7 @@ def startup(work, finished, pending):
             with open(os.path.join(folder, task, "task.json"), "w") as handle:
                 json.dump(record, handle)
             if is_pending:
-                open(os.path.join(folder, ".pending." + task), "w").close()
+                open(os.path.join(folder, ".index", "pending." + task), "w").close()
         return folder
 
     def time_to_healthy(folder):
@@ -498,6 +498,111 @@ def startup(work, finished, pending):
     return rows
 
 
+def own_layout(folder):
+    """An empty --dir as the receiver lays it out (so no take-over runs)."""
+    for sub in (".index", ".locks", ".tmp"):
+        os.makedirs(os.path.join(folder, sub))
+    open(os.path.join(folder, ".index", ".migrated"), "w").close()
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("cover_receiver", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_history(folder, count):
+    """count done tasks, each task.json the receiver's own bytes (its
+    new_record and encode_record) with only the taskId changed."""
+    cr = load_module()
+    own_layout(folder)
+    template = cr.new_record(cr.Callback("0" * 32, 200, "success", (
+        "https://tempfile.aiquickdraw.com/s/1753958521_6c1b3015141849d1a9bf17b738ce9347.png",
+        "https://tempfile.aiquickdraw.com/s/1753958524_c153143acc6340908431cf0e90cbce9e.png")))
+    template.update(status="done", files=["cover_1.png", "cover_2.png"])
+    raw = cr.encode_record(template)
+    for n in range(count):
+        task_id = "%032x" % n
+        os.mkdir(os.path.join(folder, task_id))
+        with open(os.path.join(folder, task_id, "task.json"), "wb") as handle:
+            handle.write(raw.replace(b"0" * 32, task_id.encode(), 1))
+    return folder
+
+
+def run_status(folder, *argv):
+    started = time.perf_counter()
+    subprocess.run([sys.executable, SCRIPT, "status", "--dir", folder, *argv], check=True,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, COLUMNS="200"))
+    return time.perf_counter() - started
+
+
+READ_EVERY_RECORD = """import json, os, sys
+for name in sorted(os.listdir(sys.argv[1])):
+    if not name.startswith("."):
+        with open(os.path.join(sys.argv[1], name, "task.json"), "rb") as handle:
+            print(json.loads(handle.read())["taskId"])
+"""
+
+
+def read_every_record(folder):
+    """The baseline for status --all: a Python process that reads, parses and
+    prints every task.json (so both sides pay the interpreter's start)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", READ_EVERY_RECORD, folder], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def history_figures(folder, callbacks, cdn_port):
+    """Start-up, one /healthz (median of 30), status, and peak RSS after
+    `callbacks` callbacks, for one --dir."""
+    started = time.perf_counter()
+    receiver = Receiver(folder, "--attempts", "1")
+    try:
+        wait_until(lambda: receiver.healthz()[0] == 200)
+        start = time.perf_counter() - started
+        probes = []
+        for _ in range(30):
+            began = time.perf_counter()
+            receiver.healthz()
+            probes.append(time.perf_counter() - began)
+        images = ["http://127.0.0.1:%d/img/0" % cdn_port]
+        send_all(receiver.url, [callback("new%06d" % i, images) for i in range(callbacks)], 8)
+        wait_until(lambda: receiver.healthz()[1]["pending"] == 0)
+        rss = receiver.peak_rss_mb()
+    finally:
+        receiver.stop()
+    return {"start": start, "healthz": statistics.median(probes) * 1000,
+            "status": run_status(folder), "rss": rss}
+
+
+def history(work, finished, callbacks):
+    """The same figures on an empty --dir and on one holding `finished` done
+    tasks: what history costs (issue: cost does not grow with history)."""
+    cdn = fake_cdn([20_000])
+    try:
+        own_layout(os.path.join(work, "hist-empty"))
+        empty = history_figures(os.path.join(work, "hist-empty"), callbacks, cdn.port)
+        folder = build_history(os.path.join(work, "hist-full"), finished)
+        full = history_figures(folder, callbacks, cdn.port)
+        every, loop = run_status(folder, "--all"), read_every_record(folder)
+    finally:
+        cdn.close()
+    label = "%d done" % finished
+    return [
+        ("start to /healthz 200, %s vs empty (s)" % label, full["start"], empty["start"],
+         full["start"] / empty["start"], "<= 1.5x", lambda o, r: r <= 1.5),
+        ("one /healthz, %s vs empty (ms)" % label, full["healthz"], empty["healthz"],
+         full["healthz"] / empty["healthz"], "<= 3x", lambda o, r: r <= 3),
+        ("status, %s vs empty (s)" % label, full["status"], empty["status"],
+         full["status"] / empty["status"], "<= 3x", lambda o, r: r <= 3),
+        ("peak RSS MB after %d callbacks, %s" % (callbacks, label), full["rss"], empty["rss"],
+         full["rss"] / empty["rss"], "<= 60 MB", lambda o, r: o <= 60),
+        ("status --all vs a loop reading each task.json (s)", every, loop, every / loop,
+         "<= 1.1x", lambda o, r: r <= 1.1)]
+
+
 def human(size):
     return "%d MB" % (size // 1_000_000) if size >= 1_000_000 else "%d KB" % (size // 1000)
 
@@ -505,10 +610,14 @@ def human(size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, a few seconds")
+    parser.add_argument("--history", type=int, default=None, metavar="N",
+                        help="finished tasks in the history rounds (default 100000; "
+                             "--quick 2000; 1000000 for the issue's figures)")
     parser.add_argument("--serve", choices=("naive", "durable"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:                      # a Baseline subprocess
-        server = baseline_receiver(args.serve)
+        server = baseline_receiver(args.serve, args.work)
         print(server.port, flush=True)
         threading.Event().wait()
     quick = args.quick
@@ -522,6 +631,8 @@ def main(argv=None):
         rows += throughput(work, "big", 2 if quick else 6, 2_000_000 if quick else 20_000_000)
         rows += throughput(work, "small", 20 if quick else 200, 200_000)
         rows += startup(work, finished=500 if quick else 20000, pending=50 if quick else 1000)
+        rows += history(work, args.history or (2000 if quick else 100_000),
+                        callbacks=100 if quick else 1000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("cover_receiver bench%s: Python %s, %s, %d cores" % (
