@@ -132,7 +132,8 @@ LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, prese
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
 REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
 SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
-REQUEST_KINDS = ("images", "hook")
+REQUEST_KINDS = ("images", "hook", "expect")   # expect.<taskId> holds the parent taskId
+EXPECT_HANDOFF_WAIT = 10.0      # expect/generate: seconds to wait for the running serve to record
 MAX_LINGERING = 256             # refused connections drained at once; more are closed
 PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
@@ -1884,8 +1885,20 @@ class RequestBox:
             return False
         return os.path.isdir(self.folder)
 
-    def post(self, kind, task_id):
-        os.close(Platform.open_here(self._path(kind, task_id), os.O_WRONLY | os.O_CREAT, 0o644))
+    def post(self, kind, task_id, content=b""):
+        fd = Platform.open_here(self._path(kind, task_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                0o644)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+
+    def content(self, kind, task_id):
+        """What a request holds (expect: the parent taskId), b"" when unreadable."""
+        try:
+            return read_regular_file(self._path(kind, task_id), 200)
+        except (OSError, CorruptRecord):
+            return b""
 
     def waiting(self, kind, task_id):
         return os.path.lexists(self._path(kind, task_id))
@@ -3575,10 +3588,16 @@ class Receiver:
     def _take_requests(self):
         """Do what retry handed over, as this service: its settings, its user."""
         for kind, task_id, done in self.requests.take():
-            log_event("retry-requested", task_id, kind=kind)
+            log_event("expect-requested" if kind == "expect" else "retry-requested", task_id,
+                      kind=kind)
             try:
                 if kind == "images":
                     self.queue.put(retry_images_of(self.store, task_id))
+                elif kind == "expect":
+                    parent = self.requests.content(kind, task_id).decode("ascii", "replace")
+                    created, record = self.store.expect(
+                        task_id, parent if TASK_ID_RE.fullmatch(parent) else None)
+                    self.recovery.put([record] if created else [])
                 elif self.config.on_complete:
                     self.hooks.put(retry_hook_of(self.store, task_id))
                 else:
@@ -3586,8 +3605,10 @@ class Receiver:
                               reason="this serve has no --on-complete to run")
             except CorruptRecord as exc:
                 self.store.note_corrupt(task_id, exc)
+            except Unavailable as exc:
+                log_event("request-failed", task_id, logging.ERROR, reason=exc)
             except OSError as exc:
-                log_event("retry-failed", task_id, logging.ERROR, reason=os_reason(exc))
+                log_event("request-failed", task_id, logging.ERROR, reason=os_reason(exc))
             finally:
                 done()
 
@@ -4210,9 +4231,10 @@ def run_fetch(config, env):
 def run_expect(config, env):
     """expect: record each TASKID as expected; a known task is left as it is."""
     store, failed = open_store(config), False
+    box = RequestBox(store)
     for task_id in dict.fromkeys(config.task_ids):
         try:
-            created, record = store.expect(task_id, config.parent)
+            created, record = expect_task(store, box, task_id, config.parent)
         except (CorruptRecord, Unavailable) as exc:
             print("%s not recorded: %s" % (task_id, exc), flush=True)
             failed = True
@@ -4222,11 +4244,30 @@ def run_expect(config, env):
     return 1 if failed else 0
 
 
+def expect_task(store, box, task_id, parent):
+    """store.expect(), done by the serve running on <dir> when there is one,
+    so the task's folder belongs to the service's user (as retry does)."""
+    if not box.serve_running():
+        return store.expect(task_id, parent)
+    known = store.read(task_id)
+    if known is not None:
+        return False, known
+    box.post("expect", task_id, (parent or "").encode())
+    deadline = time.monotonic() + EXPECT_HANDOFF_WAIT
+    while box.waiting("expect", task_id):
+        if time.monotonic() >= deadline:
+            raise Unavailable("handed to the running serve, which has not recorded it within "
+                              "%g s; it will when it can" % EXPECT_HANDOFF_WAIT)
+        time.sleep(REQUEST_POLL / 2)
+    record = store.read(task_id)
+    return record is not None and record["status"] == EXPECTED, record
+
+
 def run_generate(config, env):
     """generate: create each music task's cover task at the API, record it as
     expected (with its parent), print 'MUSIC COVER' per line."""
     store = open_store(config)
-    client, refused = ApiClient(config), False
+    box, client, refused = RequestBox(store), ApiClient(config), False
     for music_task_id in dict.fromkeys(config.task_ids):
         try:
             cover, existed = client.generate(music_task_id, config.callback_url)
@@ -4235,7 +4276,7 @@ def run_generate(config, env):
             print("%s refused: %s" % (music_task_id, exc), flush=True)
             continue
         try:
-            store.expect(cover, music_task_id)
+            expect_task(store, box, cover, music_task_id)
         except (CorruptRecord, Unavailable) as exc:
             refused = True
             print("%s %s not recorded: %s; run: cover_receiver.py expect %s --parent %s"

@@ -3127,6 +3127,9 @@ def test_retry_from_a_root_shell_leaves_files_owned_by_the_service_user(cdn):
             assert result.returncode == 0, result.stdout + result.stderr
             for name in ("cover_1.png", "task.json"):
                 assert os.stat(os.path.join(folder, "owned", name)).st_uid == nobody
+            assert run_cli("expect", "later", "--dir", folder).returncode == 0     # as root
+            for path in ("later", "later/task.json", ".index/pending.later"):
+                assert os.stat(os.path.join(folder, path)).st_uid == nobody
         finally:
             assert serve.stop() == 0
     finally:
@@ -3238,6 +3241,16 @@ def test_generate_and_expect_usage_errors_exit_2(tmp_path, capfd, argv, key, nam
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_expect_beside_a_running_serve_is_recorded_by_it_at_once(start, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    receiver = start()
+    assert expect(receiver.dir, "handed", parent="music7") == ["handed expected"]
+    assert healthz(receiver)["expected"] == 1            # no rescan needed
+    assert record(receiver.dir, "handed")["parentTaskId"] == "music7"
+    assert any(r.getMessage().startswith("expect-requested task=handed")
+               for r in caplog.records)
 
 
 def test_expect_leaves_a_known_task_as_it_is(start, cdn, tmp_path):
