@@ -58,6 +58,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import email.utils
 import errno
 import functools
@@ -85,6 +86,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -686,6 +688,19 @@ def build_parser():
                 sub.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
                                  help=opt.help + default, metavar=opt.metavar)
     return parser
+
+
+def warn_unknown_variables(env):
+    """One WARNING per COVER_RECEIVER_* variable that names no option (a
+    misspelt one would silently leave its option at the default)."""
+    known = {ENV_PREFIX + opt.name.replace("-", "_").upper() for opt in OPTIONS}
+    known |= {ENV_PREFIX + "HMAC_KEY", ENV_PREFIX + "TOKEN"}
+    for name in sorted(set(env) - known):
+        if name.startswith(ENV_PREFIX):
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            log_event("unknown-variable", level=logging.WARNING, name=name,
+                      note="names no option; ignored" + (
+                          "; did you mean %s?" % close[0] if close else ""))
 
 
 def _read_secret(path, env, env_name, option):
@@ -2164,7 +2179,8 @@ class DownloadPolicy:
         if not self.allow_hosts:
             for address in addresses:
                 if not is_public_address(address):
-                    raise Permanent("refused: %s resolves to non-public %s" % (host, address))
+                    raise Permanent("refused: %s resolves to non-public %s (--allow-host %s "
+                                    "allows it)" % (host, address, host))
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -3022,6 +3038,12 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
                 receiver.metrics.inc("callbacks_total", exc.reason)
                 receiver.rejections.note(exc.status, self.client_address[0], exc,
                                          logging.ERROR if exc.status == 503 else logging.WARNING)
+            elif isinstance(exc, NotFound) and self.command == "POST" and target:
+                # A callback sent to the wrong path (a callBackUrl typo) is lost without
+                # this line; the 404 itself does not name the configured path.
+                receiver.rejections.note(404, self.client_address[0], "POST to %s, but the "
+                                         "callback path is %s (--path)" % (
+                                             escape(target.path, 100), receiver.config.path))
             self.reply(exc.status, {"status": "error", "error": str(exc)},
                        allow="POST" if isinstance(exc, MethodNotAllowed) else None)
 
@@ -3481,7 +3503,8 @@ class Receiver:
         except ssl.SSLError as exc:
             raise UsageError("--tls-cert/--tls-key cannot be loaded: %s" % exc) from None
         except OSError as exc:
-            raise UsageError("cannot listen on %s port %d: %s"
+            raise UsageError("cannot listen on %s port %d: %s; choose another with --port "
+                             "(or COVER_RECEIVER_PORT)"
                              % (config.host, config.port, exc.strerror or exc)) from None
         try:
             self.store = open_store(config)
@@ -4460,10 +4483,10 @@ def print_record(store, task_id):
 
 
 class StatusTable:
-    """status's output: rows cut to the terminal (the reason last), or one
+    """status's output: rows fitted to the terminal (a long reason wrapped), or one
     JSON object per task; a summary line of tasks by status."""
 
-    ROW = "%-34s %-8s %-6s %-24s %s"
+    ROW = "%-32s %-8s %-6s %-24s %s"       # 80 columns with the header's REASON
 
     def __init__(self, width, as_json):
         self.width, self.as_json = width, as_json
@@ -4479,10 +4502,16 @@ class StatusTable:
             self._header = False
             print(self.ROW % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
         files = record.get("files") or []
-        line = self.ROW % (record.get("taskId"), record.get("status"),
+        head = self.ROW % (record.get("taskId"), record.get("status"),
                            "%d/%d" % (sum(1 for f in files if f), len(files)),
-                           record.get("updatedAt") or "-", escape(task_reason(record), 1000))
-        print(line if len(line) <= self.width else line[:max(self.width - 3, 80)] + "...")
+                           record.get("updatedAt") or "-", "")
+        reason = escape(task_reason(record), 1000)
+        if len(head) + len(reason) <= self.width:
+            print(head + reason)
+            return
+        print(head.rstrip())            # the reason (and its remedy) on lines of its own
+        for part in textwrap.wrap(reason, max(self.width - 4, 40)):
+            print("    " + part)
 
     def summary(self, records, store):
         """Before the rows (records given: counted first), or after them."""
@@ -4514,6 +4543,7 @@ def main(argv=None, env=None):
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         config = build_config(argv, env)
+        warn_unknown_variables(env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
                     "status": run_status, "expect": run_expect, "generate": run_generate}
         return commands[config.command](config, env)

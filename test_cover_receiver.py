@@ -1131,7 +1131,8 @@ def test_status_lists_what_is_not_done_newest_first_and_says_when_there_is_nothi
     assert cr.main(["status", "--dir", str(folder)], env={}) == 0
     lines = capfd.readouterr().out.splitlines()
     assert lines[0] == "1 expected, 1 pending, 1 failed (tasks not done; done ones: status --all)"
-    assert [line.split()[0] for line in lines[2:]] == ["third", "second", "first"]
+    rows = [line.split()[0] for line in lines[2:] if not line.startswith("    ")]
+    assert rows == ["third", "second", "first"]
 
 
 def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
@@ -1151,6 +1152,7 @@ def test_refuses_to_start_when_the_port_is_taken(tmp_path):
                                 "--dir", str(tmp_path)])
         status_code, lines = proc.exit()
     assert status_code == 2 and len(lines) == 1 and "cannot listen" in lines[0]
+    assert "choose another with --port" in lines[0]
 
 
 def test_refuses_to_start_when_the_dir_is_not_writable(tmp_path):
@@ -2314,7 +2316,10 @@ def metrics_of(receiver):
 
 
 def status_lines(folder, *argv):
-    result = run_cli("status", "--dir", str(folder), *argv)
+    """status's lines on a terminal wide enough that no reason wraps."""
+    result = subprocess.run([sys.executable, SCRIPT, "status", "--dir", str(folder), *argv],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(cli_env(None), COLUMNS="1000"))
     return result.returncode, result.stdout.splitlines(), result.stderr
 
 
@@ -2704,7 +2709,9 @@ def test_a_folder_it_cannot_write_is_a_scheduled_visible_error_until_retry_for(
                  what="the give-up line")
         retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
         assert retries and all("cannot save cover_1: " in line for line in retries)
-        assert receiver.queue.in_flight == 0 and receiver.queue.waiting() == 0
+        # The line is logged just before its worker lets go of the image.
+        wait_for(lambda: receiver.queue.in_flight == 0 and receiver.queue.waiting() == 0,
+                 what="the image to leave the queue")
         assert not [r for r in caplog.records if "crashed" in r.getMessage()]
     assert cdn.hits.get("/ro.png", 0) == 0
 
@@ -3411,8 +3418,11 @@ def test_fifty_overdue_tasks_at_start_up_reach_the_api_without_a_burst(start, ap
     receiver = recovering(start, api, api_gap=0.02)
     for task_id in tasks:
         wait_status(receiver.dir, task_id, "failed")
+    # Seen at the API, a request may arrive a little late and the next on time:
+    # no two closer than a quarter gap, and all 50 spread over 49 gaps.
     gaps = [later - earlier for earlier, later in zip(api.times, api.times[1:])]
-    assert len(api.times) == 50 and min(gaps) >= 0.018, min(gaps)
+    assert len(api.times) == 50 and min(gaps) >= 0.005, min(gaps)
+    assert api.times[-1] - api.times[0] >= 0.95 * 49 * 0.02
 
 
 def test_fetch_of_an_expected_task_delivers_it_the_same_way(api, cdn, tmp_path):
@@ -3423,3 +3433,44 @@ def test_fetch_of_an_expected_task_delivers_it_the_same_way(api, cdn, tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("byhand done")
     done = record(folder, "byhand")
     assert (done["source"], done["parentTaskId"]) == ("record-info", "music6")
+
+
+# ---------------------------------------------------------------------------
+# Errors say what to do
+# ---------------------------------------------------------------------------
+
+def test_a_misspelt_variable_is_a_warning_naming_the_closest_option(tmp_path, caplog):
+    assert cr.main(["status", "--dir", str(tmp_path)], env={"COVER_RECEIVER_ALLOWHOST": "x",
+                                                            "COVER_RECEIVER_TOKEN": "t"}) == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == ["unknown-variable name=COVER_RECEIVER_ALLOWHOST note=names no option; "
+                     "ignored; did you mean COVER_RECEIVER_ALLOW_HOST?"]
+
+
+def test_a_post_to_another_path_is_a_warning_naming_the_callback_path(start, caplog):
+    receiver = start()
+    code, answer, _ = post(receiver.url.replace("/suno-cover-callback", "/callback"), payload())
+    assert code == 404 and "suno-cover-callback" not in json.dumps(answer)
+    line = next(r for r in caplog.records if r.getMessage().startswith("rejected status=404"))
+    assert line.levelname == "WARNING"
+    assert "POST to /callback, but the callback path is /suno-cover-callback" in line.getMessage()
+
+
+def test_a_non_public_https_image_names_allow_host(start):
+    receiver = start()
+    post(receiver.url, payload("local", ["https://127.0.0.1/x.png"]))
+    failed = wait_status(receiver.dir, "local", "failed")
+    assert "non-public 127.0.0.1 (--allow-host 127.0.0.1 allows it)" in failed["error"]
+
+
+def test_status_at_80_columns_wraps_the_reason_and_keeps_the_remedy(start, tmp_path):
+    receiver = start()
+    post(receiver.url, payload("plain", ["http://127.0.0.1:9/x.png"]))
+    wait_status(receiver.dir, "plain", "failed")
+    result = subprocess.run([sys.executable, SCRIPT, "status", "--dir", receiver.dir],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(cli_env(None), COLUMNS="80"))
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "(--allow-host HOST allows http from HOST)" in " ".join(
+        line.strip() for line in lines[3:])
