@@ -312,6 +312,13 @@ def log_event(event, task=None, level=logging.INFO, **fields):
     LOG.log(level, " ".join(parts))
 
 
+def log_crash(what, item):
+    """A worker's crash, logged with its traceback; the item is dropped from
+    the schedule, and its record keeps it for the next rescan."""
+    LOG.exception("%s crashed task=%s", what, escape(item.task_id))
+    return False
+
+
 def parse_utc(text):
     """The unix time of an ISO 8601 UTC string written by utc_now(), or None."""
     try:
@@ -2566,7 +2573,8 @@ class DueHeap:
     def work(self, handle, crashed):
         """A worker thread's loop until stop(): handle(item) each due item,
         True to queue it again at item.due. The thread's boundary: an
-        exception goes to crashed(item), which logs it and says the same."""
+        exception goes to crashed(item), which logs it and says the same
+        (log_crash: log it, and leave the item to the next rescan)."""
         while True:
             item = self.take()
             if item is None:
@@ -2842,13 +2850,8 @@ class HookRunner:
         self._thread.join(5)
 
     def _work(self):
-        self.due.work(lambda item: self._hand_off(item) and self.retry_later, self._crashed)
-
-    @staticmethod
-    def _crashed(item):
-        """Log; the record keeps the hook pending for the next rescan."""
-        LOG.exception("hook crashed task=%s", escape(item.task_id))
-        return False
+        self.due.work(lambda item: self._hand_off(item) and self.retry_later,
+                      functools.partial(log_crash, "hook"))
 
     def _hand_off(self, item):
         """One run of the hook for one task. True: run it again at item.due."""
@@ -4019,13 +4022,7 @@ class Recovery:
         return len(times), sum(1 for at in times if at <= now), min(times, default=None)
 
     def _work(self):
-        self.due.work(self._poll, self._crashed)
-
-    @staticmethod
-    def _crashed(item):
-        """Log; the next rescan queues the task again."""
-        LOG.exception("recovery crashed task=%s", escape(item.task_id))
-        return False
+        self.due.work(self._poll, functools.partial(log_crash, "recovery"))
 
     def _poll(self, item):
         """One look at an overdue task. True: look again at item.due."""
