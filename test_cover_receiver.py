@@ -1990,6 +1990,10 @@ def failed_task(start, cdn, task_id):
     body = payload(task_id, [cdn.route("/%s.png" % task_id, status(404), ok(PNG))])
     post(receiver.url, body)
     wait_status(receiver.dir, task_id, "failed")
+    # the pending mark goes after the record's folder fsync: wait for it, so
+    # a fault the caller scripts next is not taken by that fsync
+    wait_for(lambda: not index_mark(receiver.dir, cr.PENDING_MARK, task_id).exists(),
+             what="%s's pending mark to go" % task_id)
     return receiver, body, os.path.join(os.path.abspath(receiver.dir), task_id)
 
 
