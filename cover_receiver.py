@@ -118,6 +118,7 @@ HOOK_OUTPUT_BYTES = 8192        # a hook's output kept for the log; the rest is 
 HOOK_OUTPUT_LINES = 20
 HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
 PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
+IMAGES_LOCK = "images"          # .locks/<taskId>.images: held while its images download
 CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
 REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
@@ -1071,8 +1072,8 @@ class Platform:
                     raise
                 remove_entry(path)
                 continue
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                return fd
+            if flags & os.O_EXCL or stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd               # O_CREAT|O_EXCL made a new regular file
             os.close(fd)                # a FIFO that had a reader, a device
             if last:
                 raise OSError(errno.EEXIST, "not a regular file", path)
@@ -1217,6 +1218,46 @@ class LockFile:
         return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
 
 
+class DownloadClaims:
+    """What keeps two processes (serve and a fetch) from downloading one
+    task's images at once: one lock file per task, held while any of this
+    process's downloaders works on the task and let go by the last of them.
+    Within a process the download schedule already runs each image once."""
+
+    def __init__(self):
+        self._held = {}                 # taskId -> [LockFile, downloaders holding it]
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, task_id, path, abort):
+        while not self._join(task_id, path):    # another process has it: wait for it
+            if abort.wait(CLAIM_POLL):
+                raise Aborted("stopping")
+        try:
+            yield
+        finally:
+            self._leave(task_id)
+
+    def _join(self, task_id, path):
+        with self._lock:
+            held = self._held.get(task_id)
+            if held is None:
+                lock = LockFile(path)
+                if not lock.acquire(wait=False):
+                    return False
+                held = self._held[task_id] = [lock, 0]
+            held[1] += 1
+            return True
+
+    def _leave(self, task_id):
+        with self._lock:
+            held = self._held[task_id]
+            held[1] -= 1
+            if not held[1]:
+                del self._held[task_id]
+                held[0].release()
+
+
 # ---------------------------------------------------------------------------
 # Store: the only code that touches <dir>
 # ---------------------------------------------------------------------------
@@ -1260,6 +1301,7 @@ class TaskStore:
         self._serial = itertools.count()        # unique temp names without getrandom()
         self._corrupt = {}                      # taskId -> why, for tasks found corrupt
         self._corrupt_lock = threading.Lock()
+        self._claims = DownloadClaims()
 
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
@@ -1537,22 +1579,14 @@ class TaskStore:
     def claim(self, task_id, index, abort):
         """Hold image index of task_id for one downloader. Yields a Job, or
         None when there is nothing left to do for it."""
-        lock = LockFile(self._lock_path(task_id, index + 1))
-        while not lock.acquire(wait=False):     # another process has it: wait for it
-            if abort.wait(CLAIM_POLL):
-                raise Aborted("stopping")
-        try:
+        with self._claims.hold(task_id, self._lock_path(task_id, IMAGES_LOCK), abort):
             record = self.read_or_none(task_id)
             if record is None or index not in missing_images(record):
                 yield None
                 return
-            folder = self.task_dir(task_id)
-            saved = [name for name in ("cover_%d.%s" % (index + 1, ext) for ext in COVER_EXTS)
-                     if is_regular_file(os.path.join(folder, name))]
             yield Job(record["images"][index], record["tries"][index],
-                      parse_utc(record["nextTryAt"][index]) or 0.0, (saved or [None])[0])
-        finally:
-            lock.release()
+                      parse_utc(record["nextTryAt"][index]) or 0.0,
+                      saved_covers(self.task_dir(task_id)).get(index))
 
     def save_cover(self, task_id, index, write):
         """Run write(file) into a hidden temp file, then fsync and rename it to
@@ -1562,12 +1596,12 @@ class TaskStore:
         path = self._checked_dir(task_id, must_exist=True)
         part = os.path.join(path, ".cover_%d.part" % (index + 1))
         try:
-            with os.fdopen(Platform.open_here(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL),
-                           "wb") as handle:
-                ext = write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-                size = handle.tell()
+            out = FileOut(Platform.open_here(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            try:
+                ext = write(out)
+                os.fsync(out.fd)
+            finally:
+                os.close(out.fd)
             name = "cover_%d.%s" % (index + 1, ext)
             final = os.path.join(path, name)
             try:
@@ -1581,13 +1615,30 @@ class TaskStore:
         except BaseException:
             self._remove_part(part)
             raise
-        # No fsync of the folder here: settle() writes task.json into the same
-        # folder and fsyncs it, which makes this rename durable too.
-        return self.settle(task_id, index, name=name), size
+        # No fsync of the folder here: the record write that ends the task
+        # fsyncs it, which makes this rename durable too.
+        return self.end_if_saved(task_id), out.size
 
-    def settle(self, task_id, index, name=None, error=None, tries=None):
+    def end_if_saved(self, task_id):
+        """After a cover's rename: end the task if every image it still misses
+        is saved. So task.json is written once per task (two fsyncs, which
+        make each cover's rename durable too), not once per image: until then
+        it need not list a saved cover, as one under its final name is
+        adopted after a crash, not fetched again. Each saver renames before it
+        looks, and a failure writes before it looks (settle), so the last one
+        to finish always sees every other's work. Returns what settle() does."""
+        record = self.read_or_none(task_id)
+        missing = missing_images(record) if record else []
+        saved = saved_covers(self.task_dir(task_id)) if missing else {}
+        if not missing or not set(missing) <= set(saved):
+            return None
+        return self.settle(task_id, missing[0], name=saved[missing[0]], saved=saved)
+
+    def settle(self, task_id, index, name=None, error=None, tries=None, saved=None):
         """Record image index as saved (name) or failed for good (error, after
-        tries). Returns the task's new status when this ended the task, else None."""
+        tries). saved: saved_covers() just now (covers are only ever added
+        while a task is pending). Returns the task's new status when this
+        ended the task, else None."""
         def change(record):
             record["files"][index], record["errors"][index] = name, error
             record["nextTryAt"][index] = None
@@ -1599,7 +1650,10 @@ class TaskStore:
             record["error"] = "; ".join(failed) if failed else None
             record["hook"] = new_hook() if self.hooks else None
             return record["status"]
-        return self._update(task_id, index, change)
+        ended = self._update(task_id, index, change, saved)
+        if error is not None and ended is None:     # a cover saved meanwhile left it to us
+            ended = self.end_if_saved(task_id)
+        return ended
 
     def postpone(self, task_id, index, reason, tries, due):
         """Image index failed a try for a passing reason: try again at due."""
@@ -1723,11 +1777,16 @@ class TaskStore:
             self.note_corrupt(task_id, exc)
             return None
 
-    def _update(self, task_id, index, change):
+    def _update(self, task_id, index, change, saved=None):
         with self._locked(task_id):
             record = self.read_or_none(task_id)
             if record is None or record["status"] != PENDING or index >= len(record["files"]):
                 return None
+            if saved is None:
+                saved = saved_covers(self.task_dir(task_id))
+            for adopted, name in saved.items():
+                if adopted in missing_images(record):   # renamed since the last write
+                    record["files"][adopted] = name
             ended = change(record)
             marked = ended and self._mark_for(task_id, record)   # before the write
             self._write(task_id, record)
@@ -1771,7 +1830,7 @@ class TaskStore:
             if entry.name.startswith(".task.json."):
                 remove_entry(entry.path)
             elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
-                claim = LockFile(self._lock_path(task_id, entry.name[7:-5]))
+                claim = LockFile(self._lock_path(task_id, IMAGES_LOCK))
                 if claim.acquire(wait=False):       # else a live downloader owns it
                     self._remove_part(entry.path)
                     claim.release()
@@ -1953,16 +2012,28 @@ class RequestBox:
             remove_entry(path)
 
 
-def write_durably(path, data):
-    """Create path holding data and fsync it (os.open: no buffering layer)."""
-    fd = Platform.open_here(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
+class FileOut:
+    """The unbuffered end of a file the store writes: os.write on a
+    descriptor (a file object costs four more system calls per cover)."""
+
+    def __init__(self, fd):
+        self.fd, self.size = fd, 0
+
+    def write(self, data):
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+            view = view[os.write(self.fd, view):]
+        self.size += len(data)
+
+
+def write_durably(path, data):
+    """Create path holding data and fsync it."""
+    out = FileOut(Platform.open_here(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    try:
+        out.write(data)
+        os.fsync(out.fd)
     finally:
-        os.close(fd)
+        os.close(out.fd)
 
 
 def encode_record(record):
@@ -2079,12 +2150,18 @@ def image_lists_problem(record):
     return None
 
 
-def is_regular_file(path):
-    """True for a regular file at path itself (a link is not followed)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+def saved_covers(folder):
+    """{index: name} of the covers saved under their final names in folder:
+    regular files only (a link is not followed), the first extension in
+    COVER_EXTS order when there are two."""
+    found = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = COVER_NAME.fullmatch(entry.name)
+            if match and entry.is_file(follow_symlinks=False):
+                found.setdefault(int(match.group(1)) - 1, []).append(match.group(2))
+    return {index: "cover_%d.%s" % (index + 1, min(exts, key=COVER_EXTS.index))
+            for index, exts in found.items()}
 
 
 def reopen_record(record, callback):
@@ -2704,9 +2781,8 @@ class DownloadQueue:
         with self.store.claim(item.task_id, item.index, self.abort) as job:
             if job is None:
                 return False
-            if job.saved_as:                # renamed into place just before a crash: adopt it
-                self.end_task(item.task_id, self.store.settle(
-                    item.task_id, item.index, name=job.saved_as))
+            if job.saved_as:                # renamed into place before a crash: adopt it
+                self.end_task(item.task_id, self.store.end_if_saved(item.task_id))
                 return False
             if job.tries != item.tries:     # another process tried it since: keep its schedule
                 item.tries = job.tries

@@ -762,6 +762,26 @@ def test_kill_9_after_200_loses_nothing_and_restart_finishes(tmp_path, cdn):
         assert second.stop() == 0
 
 
+def test_a_kill_9_between_two_covers_keeps_the_saved_one(tmp_path, cdn):
+    folder = str(tmp_path / "covers")
+    args = ["--port", "0", "--host", "127.0.0.1", "--dir", folder, "--allow-host", "127.0.0.1",
+            "--workers", "1"]
+    first = ReceiverProcess(args)
+    urls = [cdn.route("/first.png", ok(PNG)), cdn.route("/second.png", stall(GIF), ok(GIF))]
+    assert post(first.url, payload("half", urls))[1]["status"] == "received"
+    cdn.wait_hits("/second.png", 1)                # cover 1 is saved, cover 2 mid-body
+    first.proc.kill()
+    first.proc.wait(WAIT)
+    assert record(folder, "half")["files"] == [None, None]     # listed when the task ends
+    second = ReceiverProcess(args)
+    try:
+        assert wait_status(folder, "half", "done")["files"] == ["cover_1.png", "cover_2.gif"]
+    finally:
+        assert second.stop() == 0
+    assert cdn.hits == {"/first.png": 1, "/second.png": 2}     # cover 1 adopted, not fetched
+    assert read(os.path.join(folder, "half", "cover_1.png")) == PNG
+
+
 # ---------------------------------------------------------------------------
 # 4. Idempotency
 # ---------------------------------------------------------------------------
@@ -805,6 +825,16 @@ def test_repeated_success_callback_retries_only_the_missing_images(start, cdn):
     done = wait_status(receiver.dir, "retry", "done")
     assert done["files"] == ["cover_1.png", "cover_2.jpg"] and done["error"] is None
     assert cdn.hits == {"/good.png": 1, "/bad.png": 2}
+
+
+def test_covers_saved_while_another_image_fails_all_end_their_tasks(start, cdn):
+    receiver = start(*allow_loopback(), "--workers", "4")
+    for n in range(30):                 # the save and the failure race, 30 times
+        post(receiver.url, payload("race%d" % n, [cdn.route("/fine%d.png" % n, ok(PNG)),
+                                                  cdn.route("/gone%d.png" % n, status(404))]))
+    for n in range(30):
+        failed = wait_status(receiver.dir, "race%d" % n, "failed")
+        assert failed["files"] == ["cover_1.png", None] and "HTTP 404" in failed["error"]
 
 
 def test_failure_callback_is_recorded_failed_without_download(start, cdn):
@@ -2008,6 +2038,17 @@ def test_after_a_failed_fsync_of_the_task_folder_the_retry_makes_it_durable(star
     before = events[:events.index(("answer", answer["status"]))]
     assert code == 200 and ("fsync", folder) in before
     assert wait_status(receiver.dir, "eio2", "done")
+
+
+def test_a_task_of_two_covers_writes_its_record_once(start, cdn, fsync_faults):
+    _, events = fsync_faults
+    receiver = start(*allow_loopback())
+    post(receiver.url, payload("once", [cdn.route("/o1.png", ok(PNG)),
+                                        cdn.route("/o2.png", ok(JPEG))]))
+    assert wait_status(receiver.dir, "once", "done")["files"] == ["cover_1.png", "cover_2.jpg"]
+    settled(receiver.dir, ["once", "once/cover_1.png", "once/cover_2.jpg", "once/task.json"])
+    folder = os.path.join(os.path.abspath(receiver.dir), "once")
+    assert events.count(("fsync", folder)) == 1     # one record write, for both covers
 
 
 def test_an_eio_while_recording_a_saved_cover_is_retried_not_stranded(start, cdn, fsync_faults):
