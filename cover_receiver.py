@@ -131,7 +131,7 @@ TEMP_DIR = ".tmp"               # <dir>/.tmp: task folders being built, disk pro
 NEW_PREFIX = "new."             # <dir>/.tmp/new.<taskId>.<pid>.<n>: a task folder being built
 LEGACY_PREFIXES = {".pending.": PENDING_MARK, ".hook.": HOOK_MARK}   # 1.2's markers in <dir>
 LEGACY_TEMP = (".new.", ".probe.")                                   # 1.2's temp entries in <dir>
-LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.<n>]: lock files, present while held
+LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.images]: lock files, present while held
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
 REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
 SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
@@ -1282,9 +1282,11 @@ class TaskStore:
     that folder, never the years of finished tasks beside it. A mark is made
     before the record write that needs it and removed after the one that
     ends it, so a crash leaves at most a stale mark, which the record it
-    points to corrects: the record is the truth, the index a hint. Lock files under <dir>/.locks serialise record updates (<taskId>)
-    and claim one image (<taskId>.<n>) across threads and processes (serve,
-    fetch and retry may share a folder).
+    points to corrects: the record is the truth, the index a hint. Lock
+    files under <dir>/.locks serialise record updates (<taskId>) and keep a
+    task's downloads in one process (<taskId>.images): serve, fetch and
+    retry may share a folder. A task's record is written once for all its
+    covers (end_if_saved), as a cover under its final name is adopted.
 
     Nothing on disk is trusted: every record is read through read(), which
     follows no link and checks type, size and shape; a corrupt one is noted
