@@ -119,7 +119,7 @@ HOOK_OUTPUT_LINES = 20
 HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
 PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
 IMAGES_LOCK = "images"          # .locks/<taskId>.images: held while its images download
-CLAIM_POLL = 0.2                # seconds between tries for an image held by another process
+CLAIM_POLL = 0.2                # seconds between tries for downloads another process holds
 REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
 INDEX_DIR = ".index"            # <dir>/.index/<mark>.<taskId>: the tasks that are not done
@@ -1816,9 +1816,9 @@ class TaskStore:
     def _locked(self, task_id):
         return LockFile(self._lock_path(task_id))
 
-    def _lock_path(self, task_id, image=None):
+    def _lock_path(self, task_id, suffix=None):
         self.task_dir(task_id)                  # validates task_id
-        return os.path.join(self.locks, task_id + ("" if image is None else ".%s" % image))
+        return os.path.join(self.locks, task_id + ("" if suffix is None else "." + suffix))
 
     def _temp_name(self, folder, prefix):
         return os.path.join(folder, "%s.%d.%d" % (prefix, self._pid, next(self._serial)))
@@ -1828,14 +1828,17 @@ class TaskStore:
         path = self._checked_dir(task_id)
         if path is None:
             return
+        parts = []
         for entry in os.scandir(path):
             if entry.name.startswith(".task.json."):
                 remove_entry(entry.path)
             elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
-                claim = LockFile(self._lock_path(task_id, IMAGES_LOCK))
-                if claim.acquire(wait=False):       # else a live downloader owns it
-                    self._remove_part(entry.path)
-                    claim.release()
+                parts.append(entry.path)
+        claim = LockFile(self._lock_path(task_id, IMAGES_LOCK))
+        if parts and claim.acquire(wait=False):     # else a live downloader owns them
+            for part in parts:
+                self._remove_part(part)
+            claim.release()
 
     @staticmethod
     def _remove_part(part):
