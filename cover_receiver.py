@@ -1331,8 +1331,10 @@ class TaskStore:
         """The task's record (1.0 records upgraded), or None when there is no
         such task or its folder holds no record yet. Raises CorruptRecord."""
         folder = self._checked_dir(task_id)
-        if folder is None:
-            return None
+        return None if folder is None else self._read_in(folder, task_id)
+
+    @staticmethod
+    def _read_in(folder, task_id):
         try:
             data = read_regular_file(os.path.join(folder, "task.json"), MAX_RECORD_BYTES)
         except FileNotFoundError:
@@ -1385,12 +1387,16 @@ class TaskStore:
             return 0
 
     def records(self):
-        """Every task's record; a corrupt one as {taskId, status: corrupt, error}."""
-        for name in sorted(os.listdir(self.root)):
-            if TASK_ID_RE.fullmatch(name):
-                record = self._record_or_corrupt(name)
-                if record is not None:
-                    yield record
+        """Every task's record; a corrupt one as {taskId, status: corrupt, error}.
+        The listing's file types spare an lstat per task (a link or a file
+        goes through read(), which says what is wrong)."""
+        with os.scandir(self.root) as entries:
+            found = sorted((entry.name, entry.is_dir(follow_symlinks=False))
+                           for entry in entries if TASK_ID_RE.fullmatch(entry.name))
+        for name, is_folder in found:
+            record = self._record_or_corrupt(name, is_folder)
+            if record is not None:
+                yield record
 
     def not_done(self):
         """The records of every task that is not done (expected, pending,
@@ -1409,8 +1415,10 @@ class TaskStore:
                 found.append(record)                # a stale mark is skipped
         return found
 
-    def _record_or_corrupt(self, task_id):
+    def _record_or_corrupt(self, task_id, is_folder=False):
         try:
+            if is_folder:
+                return self._read_in(os.path.join(self.root, task_id), task_id)
             return self.read(task_id)
         except CorruptRecord as exc:
             return {"taskId": task_id, "status": CORRUPT, "error": str(exc)}
@@ -2119,7 +2127,7 @@ def record_fields_problem(record, task_id):
         if key == "receivedAt" and record.get(key) is None \
                 and isinstance(record.get("expectedAt"), str):
             continue                    # expected, and no callback (yet, or ever)
-        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+        if type(record.get(key)) is not kind:       # exact: a bool is no code
             return "has no %s %s" % (kind.__name__, key)
     if record["taskId"] != task_id:
         return "names another task (%s)" % escape(record["taskId"], 40)
@@ -2139,18 +2147,19 @@ def record_fields_problem(record, task_id):
 
 
 def image_lists_problem(record):
-    images, count = record["images"], len(record["images"])
-    if count > MAX_IMAGES or not all(isinstance(url, str) for url in images)             or len(record["files"]) != count:
+    # Types are compared as sets (map and set run in C): status --all checks
+    # every record, and a generator per two-item list would double its cost.
+    images, files, count = record["images"], record["files"], len(record["images"])
+    if count > MAX_IMAGES or not set(map(type, images)) <= {str} or len(files) != count:
         return "has a wrong images or files list"
-    if not all(name is None or (isinstance(name, str) and COVER_NAME.fullmatch(name))
-               for name in record["files"]):
+    names = [name for name in files if name is not None]
+    if not set(map(type, names)) <= {str} or not all(map(COVER_NAME.fullmatch, names)):
         return "names a file that is not a cover"
     for key, empty, kind in PER_IMAGE_FIELDS:
         values = record.setdefault(key, [empty] * count)
         if not isinstance(values, list) or len(values) != count:
             record[key] = values = [empty] * count
-        if not all(v is None and empty is None or isinstance(v, kind) and not isinstance(v, bool)
-                   for v in values):
+        if not set(map(type, values)) <= ({kind, type(None)} if empty is None else {kind}):
             return "has a wrong %s list" % key
     return None
 
@@ -4544,6 +4553,7 @@ def run_status(config, env):
         table.row(record)
     if config.all:
         table.summary(None, store)
+    table.flush()
     return 0
 
 
@@ -4565,31 +4575,46 @@ class StatusTable:
     JSON object per task; a summary line of tasks by status."""
 
     ROW = "%-32s %-8s %-6s %-24s %s"       # 80 columns with the header's REASON
+    BATCH = 1000                            # lines per write to stdout
 
     def __init__(self, width, as_json):
         self.width, self.as_json = width, as_json
         self.counts = collections.Counter()
         self._header = not as_json
+        self._lines = []
 
     def row(self, record):
         self.counts[record.get("status")] += 1
         if self.as_json:
-            print(json.dumps(record))
+            self._print(json.dumps(record))
             return
         if self._header:
             self._header = False
-            print(self.ROW % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
+            self._print(self.ROW % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
         files = record.get("files") or []
         head = self.ROW % (record.get("taskId"), record.get("status"),
                            "%d/%d" % (sum(1 for f in files if f), len(files)),
                            record.get("updatedAt") or "-", "")
         reason = escape(task_reason(record), 1000)
         if len(head) + len(reason) <= self.width:
-            print(head + reason)
+            self._print(head + reason)
             return
-        print(head.rstrip())            # the reason (and its remedy) on lines of its own
+        self._print(head.rstrip())      # the reason (and its remedy) on lines of its own
         for part in textwrap.wrap(reason, max(self.width - 4, 40)):
-            print("    " + part)
+            self._print("    " + part)
+
+    def _print(self, line):
+        """Lines go out in batches: under PYTHONUNBUFFERED (systemd units and
+        containers often set it) one print per line is one write(2) per line."""
+        self._lines.append(line)
+        if len(self._lines) >= self.BATCH:
+            self.flush()
+
+    def flush(self):
+        if self._lines:
+            sys.stdout.write("\n".join(self._lines) + "\n")
+            self._lines.clear()
+        sys.stdout.flush()
 
     def summary(self, records, store):
         """Before the rows (records given: counted first), or after them."""
@@ -4602,10 +4627,8 @@ class StatusTable:
             text = ", ".join("%d %s" % (counts[k], k) for k in
                              (EXPECTED, PENDING, FAILED, CORRUPT, DONE) if counts[k])
             text += "" if records is None else " (tasks not done; done ones: status --all)"
-        if self.as_json:
-            print(json.dumps({"summary": dict(counts), "dir": store.root}))
-        else:
-            print(text)
+        self._print(json.dumps({"summary": dict(counts), "dir": store.root}) if self.as_json
+                    else text)
 
 
 def main(argv=None, env=None):
