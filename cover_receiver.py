@@ -8,7 +8,8 @@ Usage:
     python3 cover_receiver.py retry [TASKID...] [OPTIONS] try failed images again now
     python3 cover_receiver.py retry --hook [TASKID...]    run failed hooks again now
         (both through the serve running on --dir, when there is one)
-    python3 cover_receiver.py status [--dir D] [TASKID]   list tasks and why, or one record
+    python3 cover_receiver.py status [--dir D] [--all] [--json] [TASKID]
+                                                          tasks not done and why, or one record
     python3 cover_receiver.py expect TASKID... [--parent MUSIC_TASK_ID]
                                                           record cover tasks to expect
     python3 cover_receiver.py generate MUSIC_TASK_ID... --callback-url URL
@@ -17,28 +18,26 @@ Usage:
 Give the API this callBackUrl:
     https://<your host>/suno-cover-callback              (add ?token=<token> if one is set)
 
-serve options (each also read from COVER_RECEIVER_<NAME>, e.g. COVER_RECEIVER_PORT;
-the flag wins):
-    --host 0.0.0.0            --port 3000             --path /suno-cover-callback
-    --dir ./covers            --workers 4             --timeout 30   --min-rate 1024
-    --retry-for 1209600       --max-backoff 600       --attempts 0 (no limit)
-    --max-image-bytes 26214400  --max-body-bytes 1048576
-    --allow-host HOST         (repeatable; env: comma-separated)
-    --user-agent UA           --tls-cert PATH --tls-key PATH
-    --on-complete CMD         --hook-retry-for 86400  (the hook runs at least once)
-    --drain-seconds 10        --max-connections 64
-    --request-timeout 10      --hmac-key-file PATH    --token-file PATH
-    --api-base https://api.sunoapi.org  --api-key-file PATH (or SUNO_API_KEY)
-    --recover-after 600       --interval 30           --confirm
+Options: `cover_receiver.py [COMMAND] --help` lists each command's, with its
+default (they live once, in OPTIONS); each is also read from
+COVER_RECEIVER_<NAME> (--max-image-bytes -> COVER_RECEIVER_MAX_IMAGE_BYTES),
+and the flag wins.
+
+The route of a callback through the code:
+
+    socket -> CallbackServer (ConnectionSlots: no idle flood holds every slot)
+           -> CallbackHandler.dispatch (path, token, size, JSON)
+           -> Receiver.handle_callback (signature, Callback.from_json)
+           -> TaskStore.accept (task.json durable: then the 200)
+           -> DownloadQueue (DueHeap: each image when due) -> Fetcher (DownloadPolicy.vet)
+           -> TaskStore.save_cover, end_if_saved (the record written once per task)
+           -> HookRunner (--on-complete, at least once)
 
 A passing download failure is tried again after about 1 s, doubling up to
 --max-backoff, until --retry-for after the task arrived (the URLs' lifetime).
-With an API key, serve asks record-info for an expected task (expect, generate)
-that had no callback --recover-after seconds later, and saves what it answers.
-
-fetch options: --dir --api-base https://api.sunoapi.org --interval 30 --wait 600,
-plus the download options --allow-host --attempts --retry-for --max-backoff
---timeout --min-rate --max-image-bytes --user-agent --workers (retry takes them too).
+With an API key, serve asks record-info (Recovery) for an expected task (expect,
+generate) that had no callback --recover-after seconds later, and saves what
+it answers through the same TaskStore.accept.
 
 Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
@@ -46,8 +45,9 @@ Secrets are never command-line values:
     SUNO_API_KEY              API key for fetch, generate and serve's recovery
 
 Files: <dir>/<taskId>/task.json (the record) and cover_1.png, cover_2.jpg, ...
-Exit status: 0 ok; 1 fetch/retry: a task did not end done; 2 bad usage or cannot
-start; 3 fetch: a task is still generating when --wait ran out.
+Exit status: 0 ok; 1 fetch/retry: a task did not end done (status: no such
+task); 2 bad usage or cannot start; 3 fetch: a task is still generating when
+--wait ran out.
 """
 
 __version__ = "1.3.0"
@@ -641,7 +641,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    overview = __doc__.split("serve options")[0].strip()
+    overview = __doc__.split("Options:")[0].strip()
     epilog = ("Each option also reads COVER_RECEIVER_<NAME> (--max-image-bytes -> "
               "COVER_RECEIVER_MAX_IMAGE_BYTES); the flag wins.\nSecrets come from the "
               "environment or files only: COVER_RECEIVER_HMAC_KEY, COVER_RECEIVER_TOKEN, "
@@ -2245,7 +2245,7 @@ class Target:
 
 
 class DownloadPolicy:
-    """Contract, Download policy: which URLs may be fetched, from where."""
+    """The download policy (README, Download policy): which URLs may be fetched, from where."""
 
     def __init__(self, allow_hosts, resolver=system_resolver):
         self.allow_hosts = tuple(allow_hosts or ())
@@ -3962,7 +3962,8 @@ class ApiClient:
 
     @staticmethod
     def _error(status, retry_after, answer):
-        """The ApiError for an API status other than 200 (API-FACTS.md)."""
+        """The ApiError for an API status other than 200, which may come as the
+        body's code under HTTP 200 (as kie.ai's 422 for an unknown task does)."""
         msg = answer.get("msg") if isinstance(answer, dict) else None
         detail = " (%s)" % escape(msg, 100) if isinstance(msg, str) and msg else ""
         for statuses, kind, text in API_ERRORS:
@@ -3999,7 +4000,7 @@ def existing_cover_id(answer):
 
 
 # record-info's task states: successFlag (number or digit string), or the
-# status words kie.ai's OpenAPI text lists (API-FACTS.md).
+# status words kie.ai's OpenAPI text for record-info lists.
 RECORD_STATES = {0: "running", 1: "success", 2: "running", 3: "failed",
                  "PENDING": "running", "GENERATING": "running", "SUCCESS": "success",
                  "CREATE_TASK_FAILED": "failed", "GENERATE_COVER_FAILED": "failed"}
