@@ -2256,6 +2256,10 @@ class DownloadPolicy:
                    for p in self.allow_hosts)
 
     def vet(self, url):
+        """The Target to fetch url from: its scheme, host, port, path and the
+        addresses it resolved to, each checked against the policy (https and
+        public addresses, or only the --allow-host hosts). Raises Permanent
+        for a refused URL (with the remedy), Retryable when it cannot resolve."""
         problem = url_problem(url)          # the same rules as a callback's URLs
         if problem:
             raise Permanent("refused: URL %s" % problem)
@@ -2572,6 +2576,8 @@ class Metrics:
             return self._counts.get((name, outcome), 0)
 
     def render(self, gauges):
+        """The Prometheus text exposition (version 0.0.4) of the counters
+        and the gauges given, each with its HELP and TYPE lines."""
         lines = []
         for name, (kind, text, outcomes) in self.HELP.items():
             lines += ["# HELP cover_receiver_%s %s" % (name, text),
@@ -3746,6 +3752,9 @@ class Receiver:
     # -- the endpoint ------------------------------------------------------------
 
     def handle_callback(self, client, query, headers, read_body):
+        """One POST to the callback path: the token, the body (read_body checks
+        its length and type), JSON, the signature, then _deliver(). Returns the
+        answer of a 200; raises a ReceiverError that dispatch maps to its status."""
         config = self.config
         if config.token:
             verify_token(config.token, query)
