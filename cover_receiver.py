@@ -2866,7 +2866,8 @@ class DownloadQueue:
                   reason=os_reason(exc), note=note)
 
     def end_task(self, task_id, status):
-        """Log a task's end and hand it to on_task_end (the hook)."""
+        """The one end of a task, whoever ended it (a download, a failure
+        callback, recovery): logged, then handed to on_task_end (the hook)."""
         if status:
             log_event("task-" + status, task_id,
                       level=logging.INFO if status == DONE else logging.WARNING)
@@ -3612,10 +3613,11 @@ class Receiver:
             raise
         self.hooks = HookRunner(config, self.store, clock)
         self.requests = RequestBox(self.store)
-        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
-                                 self._deliver, self._end_task, self.metrics, self.store, clock)
         self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
-                                   self.metrics, self._task_ended, clock=clock)
+                                   self.metrics, self.hooks.submit, clock=clock)
+        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
+                                 self._deliver, self.queue.end_task, self.metrics, self.store,
+                                 clock)
         self.notifier = SystemdNotifier(env)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
             "poll_interval": 0.2}, name="http", daemon=True)
@@ -3785,11 +3787,8 @@ class Receiver:
         else:
             self.recovery.forget(callback.task_id)
         if outcome == "received" and record["status"] == FAILED:
-            self._end_task(callback.task_id, FAILED)   # a failure callback ends its task
+            self.queue.end_task(callback.task_id, FAILED)  # a failure callback ends its task
         return outcome, record
-
-    def _end_task(self, task_id, status):
-        self.queue.end_task(task_id, status)
 
     def health(self):
         error = self._probe_dir()
@@ -3835,9 +3834,6 @@ class Receiver:
             "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
             "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
             "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
-
-    def _task_ended(self, task_id, status):
-        self.hooks.submit(task_id, status)
 
     def _oldest_age(self, oldest_expected):
         """Seconds since the oldest unfinished task was expected or received."""
