@@ -4215,7 +4215,7 @@ class Poller:
     def run(self, task_id):
         """Returns (word, detail), word one of done, failed, pending, error."""
         deadline = self.clock() + self.config.wait
-        tries = 0
+        tries, generating = 0, False
         while True:
             try:
                 data = self.client.record_info(task_id, deadline)
@@ -4226,9 +4226,14 @@ class Poller:
                 delay = self.backoff.delay(tries, exc.retry_after)
                 log_event("api-retry", task_id, reason=exc, wait="%.2fs" % delay)
                 if self.clock() + delay > deadline or self.stop.wait(delay):
+                    # A passing error as --wait runs out says nothing new: a task
+                    # last seen generating is still pending (exit 3), not an error.
+                    if generating:
+                        return "pending", "still generating after %g s (the last poll: %s)" % (
+                            self.config.wait, exc)
                     return "error", "%s (gave up)" % exc
                 continue
-            tries = 0
+            tries, generating = 0, True
             state = record_state(data)
             if state in ("success", "failed"):
                 return self._finish(task_id, data, state == "success",

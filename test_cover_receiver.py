@@ -1630,6 +1630,14 @@ def test_fetch_gives_up_on_a_task_still_generating_with_exit_3(api, tmp_path):
     assert result.returncode == 3 and "forever pending" in result.stdout
 
 
+def test_a_poll_cut_by_the_end_of_wait_leaves_a_generating_task_pending(api, tmp_path):
+    stalled = api_answer("slowpoll", 2) + (3,)          # answers after --wait has run out
+    api.script("slowpoll", api_answer("slowpoll", 2), stalled)
+    result = run_fetch(api, str(tmp_path), "slowpoll", extra=("--wait", "1"))
+    assert result.returncode == 3 and "slowpoll pending: still generating" in result.stdout, \
+        result.stdout
+
+
 @pytest.mark.parametrize("first", [
     (429, {"code": 429, "msg": "slow down"}, {"Retry-After": "0"}),
     (200, {"code": 429, "msg": "slow down"}, {}),
