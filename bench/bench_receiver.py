@@ -64,6 +64,10 @@ class Server:
         self.httpd.server_close()
 
 
+def image_urls(cdn, count):
+    return ["http://127.0.0.1:%d/img/%d" % (cdn.port, n) for n in range(count)]
+
+
 def fake_cdn(sizes, delay=0.0):
     """Serves /img/<n> as a PNG of sizes[n] bytes after delay seconds."""
     bodies = {n: PNG_HEAD + b"\0" * (size - len(PNG_HEAD)) for n, size in enumerate(sizes)}
@@ -289,7 +293,7 @@ def wait_until(predicate, timeout=600):
 
 def ack_latency(work, n, naive_n, delay):
     cdn = fake_cdn([200_000, 200_000], delay=delay)
-    images = ["http://127.0.0.1:%d/img/%d" % (cdn.port, i) for i in range(2)]
+    images = image_urls(cdn, 2)
     receiver = Receiver(os.path.join(work, "ack"))
     try:
         ours = send_all(receiver.url, [callback("ack%d" % i, images) for i in range(n)], 8)
@@ -446,7 +450,7 @@ def loop_rate(folder, urls, size):
 def throughput(work, label, count, size, target, workers=4):
     """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
     cdn = fake_cdn([size] * count)
-    urls = ["http://127.0.0.1:%d/img/%d" % (cdn.port, i) for i in range(count)]
+    urls = image_urls(cdn, count)
     try:
         base = loop_rate(os.path.join(work, label + "-baseline"), urls, size)
         receiver = Receiver(os.path.join(work, label), "--workers", str(workers))
@@ -473,7 +477,7 @@ def catch_up(work, tasks, size, workers=4):
     in --dir (the receiver's own records and pending marks), timed from the
     receiver's start until none is pending, against the loop on the same images."""
     cdn = fake_cdn([size] * (tasks * 2))
-    urls = ["http://127.0.0.1:%d/img/%d" % (cdn.port, i) for i in range(tasks * 2)]
+    urls = image_urls(cdn, tasks * 2)
     try:
         base = loop_rate(os.path.join(work, "catchup-baseline"), urls, size)
         folder = build_pending(os.path.join(work, "catchup"), urls)

@@ -62,9 +62,7 @@ command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null \
 [ "$(id -u)" = 0 ] || cannot "needs root"
 
 # The mirror this machine's apt already uses (no package host is written here).
-mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
-[ -n "$mirror" ] || cannot "no Debian mirror in the apt sources"
+mirror=$(bash "$repo/.ci/mirror") || cannot "no Debian mirror in the apt sources"
 echo "systemd check: building a Debian rootfs (a few minutes)"
 debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,curl,ca-certificates \
     bookworm "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 \
