@@ -640,6 +640,40 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+COMMAND_HELP = {
+    "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
+             "download its covers as a callback would. Exit 0 all done, 1 any\n"
+             "failed, 2 usage, 3 any still generating after --wait.",
+    "retry": "Try the failed images of each TASKID (every failed task when none is\n"
+             "named) again now; with --hook, run their failed hooks again instead.\n"
+             "A serve running on --dir does the work with its own settings and\n"
+             "user; with none, retry does it here. Waits up to --wait for each\n"
+             "task. Exit 0 when every task (or hook) ends done, else 1.",
+    "status": "List the tasks in --dir with why each failed or when it is tried\n"
+              "again, or print one task's record as JSON.",
+    "expect": "Record each cover TASKID created elsewhere as expected, so that a\n"
+              "callback that never comes is noticed (and, with an API key, serve\n"
+              "recovers it from record-info). A known task is left as it is.",
+    "generate": "Create the cover task of each MUSIC_TASK_ID at the API (key in\n"
+                "SUNO_API_KEY) with --callback-url, record it as expected, and\n"
+                "print 'MUSIC_TASK_ID COVER_TASK_ID' per line. Exit 0 when every\n"
+                "music task has a cover task, 1 when the API refused one."}
+# Each command's own arguments, beside the options in OPTIONS.
+COMMAND_ARGUMENTS = {
+    "fetch": (("task_ids", dict(nargs="+", metavar="TASKID")),),
+    "expect": (("task_ids", dict(nargs="+", metavar="TASKID")),),
+    "generate": (("task_ids", dict(nargs="+", metavar="MUSIC_TASK_ID")),),
+    "status": (("task_ids", dict(nargs="?", metavar="TASKID")),
+               ("--all", dict(action="store_true", help="list every task, done ones too")),
+               ("--json", dict(action="store_true",
+                               help="one JSON object per task per line, for scripts"))),
+    "retry": (("task_ids", dict(nargs="*", metavar="TASKID")),
+              ("--hook", dict(action="store_true",
+                              help="run the failed hooks of these tasks again now, not "
+                                   "their images"))),
+}
+
+
 def build_parser():
     overview = __doc__.split("Options:")[0].strip()
     epilog = ("Each option also reads COVER_RECEIVER_<NAME> (--max-image-bytes -> "
@@ -650,52 +684,27 @@ def build_parser():
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="cover_receiver " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{%s}" % ",".join(COMMANDS))
-    helps = {"serve": overview,
-             "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
-                      "download its covers as a callback would. Exit 0 all done, 1 any\n"
-                      "failed, 2 usage, 3 any still generating after --wait.",
-             "retry": "Try the failed images of each TASKID (every failed task when none is\n"
-                      "named) again now; with --hook, run their failed hooks again instead.\n"
-                      "A serve running on --dir does the work with its own settings and\n"
-                      "user; with none, retry does it here. Waits up to --wait for each\n"
-                      "task. Exit 0 when every task (or hook) ends done, else 1.",
-             "status": "List the tasks in --dir with why each failed or when it is tried\n"
-                       "again, or print one task's record as JSON.",
-             "expect": "Record each cover TASKID created elsewhere as expected, so that a\n"
-                       "callback that never comes is noticed (and, with an API key, serve\n"
-                       "recovers it from record-info). A known task is left as it is.",
-             "generate": "Create the cover task of each MUSIC_TASK_ID at the API (key in\n"
-                         "SUNO_API_KEY) with --callback-url, record it as expected, and\n"
-                         "print 'MUSIC_TASK_ID COVER_TASK_ID' per line. Exit 0 when every\n"
-                         "music task has a cover task, 1 when the API refused one."}
-    for command, text in helps.items():
+    for command in COMMANDS:
+        text = COMMAND_HELP.get(command, overview)
         sub = commands.add_parser(command, help=text.splitlines()[0], description=text,
                                   epilog=epilog, allow_abbrev=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        if command in ("fetch", "expect"):
-            sub.add_argument("task_ids", nargs="+", metavar="TASKID")
-        if command == "generate":
-            sub.add_argument("task_ids", nargs="+", metavar="MUSIC_TASK_ID")
-        if command == "status":
-            sub.add_argument("task_ids", nargs="?", metavar="TASKID")
-            sub.add_argument("--all", action="store_true", help="list every task, done ones too")
-            sub.add_argument("--json", action="store_true",
-                             help="one JSON object per task per line, for scripts")
-        if command == "retry":
-            sub.add_argument("task_ids", nargs="*", metavar="TASKID")
-            sub.add_argument("--hook", action="store_true",
-                             help="run the failed hooks of these tasks again now, not their images")
+        for name, settings in COMMAND_ARGUMENTS.get(command, ()):
+            sub.add_argument(name, **settings)
         for opt in OPTIONS:
             if command in opt.commands:
-                default = opt.default_for(command)
-                default = "" if default is None else " (default: %s)" % default
-                if opt.flag:
-                    sub.add_argument("--" + opt.name, action="store_const", const="yes",
-                                     help=opt.help + default)
-                    continue
-                sub.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
-                                 help=opt.help + default, metavar=opt.metavar)
+                add_option(sub, opt, opt.default_for(command))
     return parser
+
+
+def add_option(parser, opt, default):
+    """--name for one of OPTIONS, its default shown in the help."""
+    text = opt.help + ("" if default is None else " (default: %s)" % default)
+    if opt.flag:
+        parser.add_argument("--" + opt.name, action="store_const", const="yes", help=text)
+    else:
+        parser.add_argument("--" + opt.name, action="append" if opt.repeat else "store",
+                            help=text, metavar=opt.metavar)
 
 
 def warn_unknown_variables(env):
@@ -1127,135 +1136,6 @@ def os_reason(exc):
     code = errno.errorcode.get(exc.errno)
     text = exc.strerror or str(exc)
     return "%s (%s)" % (text, code) if code else text
-
-
-class SharedSync:
-    """fsync of one folder, shared by the threads that need it at once (group
-    commit). A caller needs an fsync that began after its own change. It
-    starts one at once unless two are running (so one slow fsync never holds
-    back the next caller), else it waits, and the next fsync then serves
-    every caller that came meanwhile: eight callbacks arriving together cost
-    about three fsyncs, not eight. A failed fsync serves nobody: those who
-    waited on it need a newer one."""
-
-    MAX_RUNNING = 2
-
-    def __init__(self, path):
-        self.path = path
-        self._cond = threading.Condition()
-        self._started = self._synced = self._failed = 0     # generations: begun, newest ok, newest failed
-        self._running = 0
-
-    def sync(self):
-        with self._cond:
-            needed = self._started + 1          # one that begins after this change
-            while self._synced < needed:
-                if self._failed >= needed:
-                    needed = self._started + 1  # what served us failed: a newer one
-                if self._started >= needed or self._running >= self.MAX_RUNNING:
-                    self._cond.wait()
-                    continue
-                self._started += 1
-                self._run(self._started)
-
-    def _run(self, generation):
-        """Called and returning with the condition held."""
-        self._running += 1
-        self._cond.release()
-        ok = False
-        try:
-            Platform.fsync_dir(self.path)
-            ok = True
-        finally:
-            self._cond.acquire()
-            self._running -= 1
-            if ok:
-                self._synced = max(self._synced, generation)
-            else:
-                self._failed = max(self._failed, generation)
-            self._cond.notify_all()
-
-
-class LockFile:
-    """An exclusive lock shared by threads and processes: a file under
-    <dir>/.locks that exists only while it is held."""
-
-    def __init__(self, path):
-        self.path, self.fd = path, None
-
-    def acquire(self, wait=True):
-        while True:
-            fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if not Platform.lock(fd, wait):
-                    os.close(fd)
-                    return False
-                if self._still_at_path(fd):
-                    self.fd = fd
-                    return True
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)                # its holder removed it: lock the new one
-
-    def release(self):
-        fd, self.fd = self.fd, None
-        Platform.unlock_and_remove(fd, self.path)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def _still_at_path(self, fd):
-        try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(fd)
-        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
-
-
-class DownloadClaims:
-    """What keeps two processes (serve and a fetch) from downloading one
-    task's images at once: one lock file per task, held while any of this
-    process's downloaders works on the task and let go by the last of them.
-    Within a process the download schedule already runs each image once."""
-
-    def __init__(self):
-        self._held = {}                 # taskId -> [LockFile, downloaders holding it]
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(self, task_id, path, abort):
-        while not self._join(task_id, path):    # another process has it: wait for it
-            if abort.wait(CLAIM_POLL):
-                raise Aborted("stopping")
-        try:
-            yield
-        finally:
-            self._leave(task_id)
-
-    def _join(self, task_id, path):
-        with self._lock:
-            held = self._held.get(task_id)
-            if held is None:
-                lock = LockFile(path)
-                if not lock.acquire(wait=False):
-                    return False
-                held = self._held[task_id] = [lock, 0]
-            held[1] += 1
-            return True
-
-    def _leave(self, task_id):
-        with self._lock:
-            held = self._held[task_id]
-            held[1] -= 1
-            if not held[1]:
-                del self._held[task_id]
-                held[0].release()
 
 
 # ---------------------------------------------------------------------------
@@ -1914,6 +1794,135 @@ class TaskStore:
         Platform.fsync_dir(self.index)
 
 
+class SharedSync:
+    """fsync of one folder, shared by the threads that need it at once (group
+    commit). A caller needs an fsync that began after its own change. It
+    starts one at once unless two are running (so one slow fsync never holds
+    back the next caller), else it waits, and the next fsync then serves
+    every caller that came meanwhile: eight callbacks arriving together cost
+    about three fsyncs, not eight. A failed fsync serves nobody: those who
+    waited on it need a newer one."""
+
+    MAX_RUNNING = 2
+
+    def __init__(self, path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = self._synced = self._failed = 0     # generations: begun, newest ok, newest failed
+        self._running = 0
+
+    def sync(self):
+        with self._cond:
+            needed = self._started + 1          # one that begins after this change
+            while self._synced < needed:
+                if self._failed >= needed:
+                    needed = self._started + 1  # what served us failed: a newer one
+                if self._started >= needed or self._running >= self.MAX_RUNNING:
+                    self._cond.wait()
+                    continue
+                self._started += 1
+                self._run(self._started)
+
+    def _run(self, generation):
+        """Called and returning with the condition held."""
+        self._running += 1
+        self._cond.release()
+        ok = False
+        try:
+            Platform.fsync_dir(self.path)
+            ok = True
+        finally:
+            self._cond.acquire()
+            self._running -= 1
+            if ok:
+                self._synced = max(self._synced, generation)
+            else:
+                self._failed = max(self._failed, generation)
+            self._cond.notify_all()
+
+
+class LockFile:
+    """An exclusive lock shared by threads and processes: a file under
+    <dir>/.locks that exists only while it is held."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self, wait=True):
+        while True:
+            fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if not Platform.lock(fd, wait):
+                    os.close(fd)
+                    return False
+                if self._still_at_path(fd):
+                    self.fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)                # its holder removed it: lock the new one
+
+    def release(self):
+        fd, self.fd = self.fd, None
+        Platform.unlock_and_remove(fd, self.path)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _still_at_path(self, fd):
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
+class DownloadClaims:
+    """What keeps two processes (serve and a fetch) from downloading one
+    task's images at once: one lock file per task, held while any of this
+    process's downloaders works on the task and let go by the last of them.
+    Within a process the download schedule already runs each image once."""
+
+    def __init__(self):
+        self._held = {}                 # taskId -> [LockFile, downloaders holding it]
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, task_id, path, abort):
+        while not self._join(task_id, path):    # another process has it: wait for it
+            if abort.wait(CLAIM_POLL):
+                raise Aborted("stopping")
+        try:
+            yield
+        finally:
+            self._leave(task_id)
+
+    def _join(self, task_id, path):
+        with self._lock:
+            held = self._held.get(task_id)
+            if held is None:
+                lock = LockFile(path)
+                if not lock.acquire(wait=False):
+                    return False
+                held = self._held[task_id] = [lock, 0]
+            held[1] += 1
+            return True
+
+    def _leave(self, task_id):
+        with self._lock:
+            held = self._held[task_id]
+            held[1] -= 1
+            if not held[1]:
+                del self._held[task_id]
+                held[0].release()
+
+
 def open_store(config):
     """The store for --dir, created and proven writable, or a UsageError."""
     store = TaskStore(config.dir, hooks=bool(config.on_complete))
@@ -2048,6 +2057,10 @@ def write_durably(path, data):
     finally:
         os.close(out.fd)
 
+
+# ---------------------------------------------------------------------------
+# Records: task.json built, checked and read out
+# ---------------------------------------------------------------------------
 
 def encode_record(record):
     return (json.dumps(record) + "\n").encode("utf-8")     # compact: json's C encoder
@@ -2209,8 +2222,70 @@ def pending_jobs(record):
              record["tries"][i], received) for i in missing_images(record)]
 
 
+def task_result(store, task_id):
+    """(word, detail) for a task's record: done, failed, pending or corrupt."""
+    try:
+        record = store.read(task_id)
+    except CorruptRecord as exc:
+        return CORRUPT, str(exc)
+    if record is None:
+        return "error", "no task %s in %s" % (task_id, store.root)
+    if record["status"] == DONE:
+        return "done", "%d covers in %s" % (len(record["files"]), store.task_dir(task_id))
+    if record["status"] == FAILED:
+        return "failed", record.get("error") or "failed"
+    if record["status"] == EXPECTED:
+        return EXPECTED, task_reason(record)
+    return "pending", task_reason(record) or "downloads unfinished"
+
+
+def task_reason(record):
+    """Why a task failed, or the last error and next try of a retrying one;
+    then how its hand-off stands, when it is not done."""
+    reason = image_reason(record)
+    if hook_state(record) in (PENDING, FAILED):
+        hook = "hook %s: %s" % (hook_state(record), hook_reason(record))
+        reason = "%s; %s" % (reason, hook) if reason else hook
+    return reason
+
+
+def image_reason(record):
+    if record.get("status") in (FAILED, CORRUPT):
+        return record.get("error") or ""
+    if record.get("status") == EXPECTED:
+        return expected_reason(record)
+    retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
+                      for i in missing_images(record) if record["lastError"][i])
+    if not retrying:
+        return ""
+    when, error = retrying[0]
+    return "retrying %d image(s): %s; next try %s" % (len(retrying), error, when)
+
+
+def expected_reason(record, now=None):
+    """How long an expected task has waited for its callback, and what
+    record-info last said."""
+    since = parse_utc(record.get("expectedAt"))
+    waited = max(0, int((time.time() if now is None else now) - since)) if since else 0
+    poll = record.get("poll") if isinstance(record.get("poll"), dict) else {}
+    text = "waiting for its callback for %ds" % waited
+    if poll.get("confirmSince"):
+        text = "--confirm: waiting for record-info to confirm its callback"
+    if poll.get("lastAnswer"):
+        text += "; record-info said: %s; next poll %s" % (poll["lastAnswer"], poll.get("nextPollAt"))
+    return text
+
+
+def hook_reason(record):
+    hook = record.get("hook") if record else None
+    if not isinstance(hook, dict) or hook.get("status") == DONE:
+        return "done" if hook else ""
+    when = "; next try %s" % hook["nextTryAt"] if hook.get("nextTryAt") else ""
+    return "%s after %d tries%s" % (hook.get("lastError") or "not run yet", hook["tries"], when)
+
+
 # ---------------------------------------------------------------------------
-# Downloads: policy, vetted connections, streaming, retries
+# Downloads: policy, vetted connections, streaming
 # ---------------------------------------------------------------------------
 
 def system_resolver(host, port):
@@ -2245,7 +2320,7 @@ class Target:
 
 
 class DownloadPolicy:
-    """The download policy (README, Download policy): which URLs may be fetched, from where."""
+    """The download policy (README, Downloads): which URLs may be fetched, from where."""
 
     def __init__(self, allow_hosts, resolver=system_resolver):
         self.allow_hosts = tuple(allow_hosts or ())
@@ -2266,27 +2341,27 @@ class DownloadPolicy:
         parts = urllib.parse.urlsplit(url)
         scheme, host = parts.scheme.lower(), parts.hostname.rstrip(".")
         port = parts.port or (443 if scheme == "https" else 80)
-        if self.allow_hosts:
-            if not self.host_allowed(host):
-                raise Permanent("refused: host %s is not in --allow-host" % host)
-        elif scheme != "https":
+        if self.allow_hosts and not self.host_allowed(host):
+            raise Permanent("refused: host %s is not in --allow-host" % host)
+        if not self.allow_hosts and scheme != "https":
             raise Permanent("refused: only https URLs are fetched (--allow-host HOST "
                             "allows http from HOST)")
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        return Target(scheme, host, port, path, self._addresses(host, port))
+
+    def _addresses(self, host, port):
+        """What host resolves to; each public unless --allow-host is in use."""
         try:
             addresses = tuple(dict.fromkeys(self.resolver(host, port)))
         except (OSError, UnicodeError) as exc:
             raise Retryable("cannot resolve %s: %s" % (host, exc)) from None
         if not addresses:
             raise Retryable("cannot resolve %s" % host)
-        if not self.allow_hosts:
-            for address in addresses:
-                if not is_public_address(address):
-                    raise Permanent("refused: %s resolves to non-public %s (--allow-host %s "
-                                    "allows it)" % (host, address, host))
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return Target(scheme, host, port, path, addresses)
+        for address in () if self.allow_hosts else addresses:
+            if not is_public_address(address):
+                raise Permanent("refused: %s resolves to non-public %s (--allow-host %s "
+                                "allows it)" % (host, address, host))
+        return addresses
 
 
 class Meter:
@@ -2443,39 +2518,32 @@ class Fetcher:
         """Write the image at url to out; return its extension."""
         meter = Meter(self.min_rate, self.timeout)     # one floor over all hops
         for _hop in range(MAX_REDIRECTS + 1):
-            target, conn = self.policy.vet(url), None
-            # Whatever a remote server sends ends as Retryable or Permanent.
-            try:
-                conn = PinnedConnection(target, self.timeout, self.tls, abort, meter)
-                # Never an Authorization header: the image host gets nothing secret.
-                conn.request("GET", target.request_path, headers={
-                    "User-Agent": self.user_agent, "Accept": "image/*",
-                    "Accept-Encoding": "identity"})
-                response = conn.getresponse()
-                location = response.getheader("Location")
-                if response.status in REDIRECT_STATUSES and location:
-                    url = urllib.parse.urljoin(url, location.strip())   # vetted next hop
-                    continue
-                if response.status == 200:
-                    return self._stream(response, out, abort)
-                raise _status_error(response)
-            except ssl.SSLCertVerificationError as exc:
-                raise Permanent("TLS certificate rejected: %s" % exc.verify_message) from None
-            except http.client.InvalidURL as exc:
-                raise Permanent("refused: %s" % exc) from None
-            except (OSError, http.client.HTTPException) as exc:
-                if abort.is_set():
-                    raise Aborted("stopping") from None
-                raise Retryable(_network_reason(exc)) from None
-            except ValueError as exc:           # a malformed Location, header or URL
-                if abort.is_set():              # or a TLS socket cut short by stop
-                    raise Aborted("stopping") from None
-                raise Permanent("malformed answer: %s" % exc) from None
-            finally:
-                if conn is not None:
-                    abort.forget(conn.watched)
-                    conn.close()
+            target = self.policy.vet(url)
+            with remote_errors(abort):
+                ext, location = self._get(target, out, abort, meter)
+                if ext is not None:
+                    return ext
+                url = urllib.parse.urljoin(url, location)  # vetted as the next hop
         raise Permanent("more than %d redirects" % MAX_REDIRECTS)
+
+    def _get(self, target, out, abort, meter):
+        """One request: (extension, None) for the image, (None, Location) for a redirect."""
+        conn = PinnedConnection(target, self.timeout, self.tls, abort, meter)
+        try:
+            # Never an Authorization header: the image host gets nothing secret.
+            conn.request("GET", target.request_path, headers={
+                "User-Agent": self.user_agent, "Accept": "image/*",
+                "Accept-Encoding": "identity"})
+            response = conn.getresponse()
+            location = response.getheader("Location")
+            if response.status in REDIRECT_STATUSES and location:
+                return None, location.strip()
+            if response.status == 200:
+                return self._stream(response, out, abort), None
+            raise _status_error(response)
+        finally:
+            abort.forget(conn.watched)
+            conn.close()
 
     def _declared_length(self, response):
         """The Content-Length, or None when there is none (Permanent when bad)."""
@@ -2501,15 +2569,9 @@ class Fetcher:
             if total > self.max_bytes:
                 raise Permanent("larger than --max-image-bytes")
             if ext is None:
-                head += buffer[:size]
-                if len(head) >= 12:
-                    ext = sniff_image(head)
-                    if ext is None:
-                        raise Permanent("not an image (starts %r)" % head[:12])
-            try:
-                out.write(buffer[:size])
-            except OSError as exc:          # local, not the host's fault: say so
-                raise Retryable("cannot write the cover: %s" % os_reason(exc)) from None
+                head += bytes(buffer[:min(size, 12 - len(head))])
+                ext = sniff_head(head)
+            write_cover(out, buffer[:size])
         # readinto() returns 0 at a premature EOF instead of raising IncompleteRead.
         if declared is not None and total != declared:
             raise Retryable("connection closed after %d of %d bytes" % (total, declared))
@@ -2517,6 +2579,44 @@ class Fetcher:
         if ext is None:
             raise Permanent("not an image (%d bytes)" % total)
         return ext
+
+
+def sniff_head(head):
+    """The image type of a file's first 12 bytes; None while fewer came.
+    Permanent when they are no image's."""
+    if len(head) < 12:
+        return None
+    ext = sniff_image(head)
+    if ext is None:
+        raise Permanent("not an image (starts %r)" % head)
+    return ext
+
+
+def write_cover(out, data):
+    try:
+        out.write(data)
+    except OSError as exc:          # local, not the host's fault: say so
+        raise Retryable("cannot write the cover: %s" % os_reason(exc)) from None
+
+
+@contextlib.contextmanager
+def remote_errors(abort):
+    """Whatever a remote server sends ends as Retryable or Permanent (Aborted
+    when stop cut it short)."""
+    try:
+        yield
+    except ssl.SSLCertVerificationError as exc:
+        raise Permanent("TLS certificate rejected: %s" % exc.verify_message) from None
+    except http.client.InvalidURL as exc:
+        raise Permanent("refused: %s" % exc) from None
+    except (OSError, http.client.HTTPException) as exc:
+        if abort.is_set():
+            raise Aborted("stopping") from None
+        raise Retryable(_network_reason(exc)) from None
+    except ValueError as exc:           # a malformed Location, header or URL
+        if abort.is_set():              # or a TLS socket cut short by stop
+            raise Aborted("stopping") from None
+        raise Permanent("malformed answer: %s" % exc) from None
 
 
 def _status_error(response):
@@ -2538,77 +2638,8 @@ def _network_reason(exc):
 
 
 # ---------------------------------------------------------------------------
-# Service: workers, metrics, hooks, systemd
+# Workers: the due-time schedule, the download queue, the hook runner
 # ---------------------------------------------------------------------------
-
-class Metrics:
-    """Counters for /metrics and /healthz (Prometheus text format 0.0.4)."""
-
-    HELP = {
-        "callbacks_total": ("counter", "Callbacks answered, by outcome.", CALLBACK_OUTCOMES),
-        "downloads_total": ("counter", "Images finished, by outcome.", ("saved", "failed")),
-        "download_retries_total": ("counter", "Image download tries that will be retried.", ()),
-        "downloaded_bytes_total": ("counter", "Bytes of covers saved.", ()),
-        "connections_cut_total": ("counter", "Idle connections cut to make room at "
-                                  "--max-connections.", ()),
-        "api_requests_total": ("counter", "serve's record-info requests, by outcome (ok, or "
-                               "the error's kind).", ("ok", "passing", "person", "unknown",
-                                                      "refused")),
-        "tasks_recovered_total": ("counter", "Expected tasks whose result came from "
-                                  "record-info, no callback needed.", ()),
-    }
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts = {}
-        self.started = time.time()
-        self.last_saved = None
-
-    def inc(self, name, outcome=None, amount=1):
-        with self._lock:
-            key = (name, outcome)
-            self._counts[key] = self._counts.get(key, 0) + amount
-            if name == "downloads_total" and outcome == "saved":
-                self.last_saved = time.time()
-
-    def get(self, name, outcome=None):
-        with self._lock:
-            return self._counts.get((name, outcome), 0)
-
-    def render(self, gauges):
-        """The Prometheus text exposition (version 0.0.4) of the counters
-        and the gauges given, each with its HELP and TYPE lines."""
-        lines = []
-        for name, (kind, text, outcomes) in self.HELP.items():
-            lines += ["# HELP cover_receiver_%s %s" % (name, text),
-                      "# TYPE cover_receiver_%s %s" % (name, kind)]
-            for outcome in outcomes or (None,):
-                label = '{outcome="%s"}' % outcome if outcome else ""
-                lines.append("cover_receiver_%s%s %d" % (name, label, self.get(name, outcome)))
-        gauges = dict(gauges, process_start_time_seconds=("Start time, unix seconds.",
-                                                          self.started))
-        for name, (text, value) in gauges.items():
-            lines += ["# HELP cover_receiver_%s %s" % (name, text),
-                      "# TYPE cover_receiver_%s gauge" % name,
-                      "cover_receiver_%s %s" % (name, repr(float(value)) if isinstance(value, float)
-                                                else value)]
-        return "\n".join(lines) + "\n"
-
-
-@dataclasses.dataclass
-class QueuedImage:
-    """One image in the DownloadQueue; its times are monotonic."""
-    task_id: str
-    index: int
-    due: float              # its next try
-    deadline: float         # --retry-for after the task was received
-    tries: int              # failed tries on disk when queued or last tried here; a
-                            # different count there means another process tried it
-
-    @property
-    def key(self):
-        return self.task_id, self.index
-
 
 class DueHeap:
     """Work due at monotonic times, taken in time order by worker threads:
@@ -2697,6 +2728,21 @@ class DueHeap:
         self.queued[item.key] = item
         heapq.heappush(self._heap, (item.due, next(self._serial), item))
         self.lock.notify_all()
+
+
+@dataclasses.dataclass
+class QueuedImage:
+    """One image in the DownloadQueue; its times are monotonic."""
+    task_id: str
+    index: int
+    due: float              # its next try
+    deadline: float         # --retry-for after the task was received
+    tries: int              # failed tries on disk when queued or last tried here; a
+                            # different count there means another process tried it
+
+    @property
+    def key(self):
+        return self.task_id, self.index
 
 
 class DownloadQueue:
@@ -3041,857 +3087,9 @@ class HookOutput:
             log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
 
 
-class SystemdNotifier:
-    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET."""
-
-    def __init__(self, env):
-        address = env.get("NOTIFY_SOCKET", "")
-        self.address = "\0" + address[1:] if address.startswith("@") else address
-        usec = parse_digits(env.get("WATCHDOG_USEC"))
-        pid_ok = parse_digits(env.get("WATCHDOG_PID", str(os.getpid()))) == os.getpid()
-        self.watchdog = usec / 2e6 if usec and pid_ok else None
-        self._stop = threading.Event()
-        self._thread = None
-
-    def send(self, *lines):
-        if not self.address:
-            return
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto("\n".join(lines).encode(), self.address)
-        except OSError as exc:
-            log_event("notify-failed", level=logging.WARNING, reason=exc)
-
-    def start(self, healthy, status):
-        """Tick every half watchdog period (or 5 s): STATUS=, and WATCHDOG=1
-        only while healthy() says the server loop and workers are alive."""
-        if not self.address:
-            return
-        interval = self.watchdog or 5.0
-
-        def tick():
-            while not self._stop.wait(interval):
-                lines = ["STATUS=" + status()]
-                if self.watchdog and healthy(interval * 2):
-                    lines.append("WATCHDOG=1")
-                self.send(*lines)
-        self._thread = threading.Thread(target=tick, name="sd-notify", daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
-
-
 # ---------------------------------------------------------------------------
-# HTTP
+# Polling: the vendor API, serve's recovery, fetch's poller
 # ---------------------------------------------------------------------------
-
-class CallbackHandler(http.server.BaseHTTPRequestHandler):
-    """Parse, bound and verify one request; every ReceiverError becomes its
-    answer in dispatch(), the one place that maps errors to statuses."""
-
-    server_version = "cover_receiver/" + __version__
-    sys_version = ""
-    protocol_version = "HTTP/1.0"       # one request per connection: no idle keep-alive
-    wbufsize = -1                       # buffered: status, headers and body in one send
-    default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
-
-    def parse_request(self):
-        """The stdlib's parser, but one empty line before the request line is
-        skipped (RFC 9112 2.2), and HTTP/0.x is refused: http.server would
-        answer the first with silence and the second with no status line."""
-        if self.raw_requestline in (b"\r\n", b"\n"):
-            self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline.strip():
-            self.command, self.request_version = None, self.default_request_version
-            self.send_error(400, "no request line")
-            return False
-        if not super().parse_request():
-            return False
-        if self.request_version.startswith("HTTP/0."):
-            self.request_version = "HTTP/1.0"
-            self.send_error(505, "HTTP/1.0 or later is required")
-            return False
-        return True
-
-    def dispatch(self):
-        """Answer one request: the callback, /healthz or /metrics."""
-        receiver, target = self.server.receiver, None
-        try:
-            target = request_target(self.path)
-            check_headers(self.headers)
-            if target.path == receiver.config.path:
-                if self.command != "POST":
-                    raise MethodNotAllowed("use POST")
-                return self.reply(200, receiver.handle_callback(
-                    self.client_address[0], target.query, self.headers, self.read_body))
-            if self.command in ("GET", "HEAD") and target.path == "/healthz":
-                return self.reply(*receiver.health())
-            if self.command in ("GET", "HEAD") and target.path == "/metrics":
-                return self.reply(200, receiver.metrics_text(),
-                                  content_type="text/plain; version=0.0.4")
-            raise NotFound("no such path")
-        except ReceiverError as exc:
-            if target and target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
-                receiver.metrics.inc("callbacks_total", exc.reason)
-                receiver.rejections.note(exc.status, self.client_address[0], exc,
-                                         logging.ERROR if exc.status == 503 else logging.WARNING)
-            elif isinstance(exc, NotFound) and self.command == "POST" and target:
-                # A callback sent to the wrong path (a callBackUrl typo) is lost without
-                # this line; the 404 itself does not name the configured path.
-                receiver.rejections.note(404, self.client_address[0], "POST to %s, but the "
-                                         "callback path is %s (--path)" % (
-                                             escape(target.path, 100), receiver.config.path))
-            self.reply(exc.status, {"status": "error", "error": str(exc)},
-                       allow="POST" if isinstance(exc, MethodNotAllowed) else None)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = dispatch
-
-    def read_body(self):
-        config = self.server.receiver.config
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None:      # RFC 9112 6.3
-            if lengths:
-                raise BadCallback("Transfer-Encoding and Content-Length together")
-            raise LengthRequired("Content-Length is required (no chunked bodies)")
-        if not lengths:
-            raise LengthRequired("Content-Length is required")
-        values = {parse_digits(value) for value in lengths}
-        if None in values or len(values) > 1:
-            raise BadCallback("Content-Length must be one number")
-        length = values.pop()
-        if length > config.max_body_bytes:
-            raise TooLarge("body is larger than %d bytes" % config.max_body_bytes)
-        types = self.headers.get_all("Content-Type") or ["application/json"]
-        if len(types) > 1:                                         # RFC 9110 8.3: one value
-            raise BadCallback("more than one Content-Type")
-        if types[0].split(";")[0].strip().lower() != "application/json":
-            raise UnsupportedMediaType("Content-Type must be application/json")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise BadCallback("body is shorter than Content-Length")
-        return body
-
-    def reply(self, status, payload, content_type="application/json", allow=None):
-        body = payload if isinstance(payload, str) else json.dumps(payload)
-        body = body.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        if allow:
-            self.send_header("Allow", allow)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None):
-        """stdlib parse errors (400, 414, 431, 501...) as JSON too."""
-        self.close_connection = True
-        text = message or self.responses.get(code, ("error",))[0]
-        try:
-            self.reply(code, {"status": "error", "error": text})
-        except OSError:
-            pass
-
-    def log_request(self, code="-", size="-"):
-        # The query may carry the token: log the path only.
-        try:
-            path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
-        except ValueError:
-            path = "-"
-        if path == self.server.receiver.config.path and self.command == "POST":
-            return                      # its received/duplicate/rejected line says it
-        log_event("http", client=self.client_address[0], method=self.command or "-",
-                  path=path, status=int(code))
-
-    def log_message(self, format, *args):
-        log_event("http-error", client=self.client_address[0], detail=format % args)
-
-
-def request_target(text):
-    """The request target split (origin or absolute form, RFC 9112 3.2)."""
-    try:
-        return urllib.parse.urlsplit(text)
-    except ValueError:
-        raise BadCallback("malformed request target") from None
-
-
-def check_headers(headers):
-    """RFC 9112 and 9110 strictness: a request whose header section does not
-    parse cleanly is refused, so no two parsers can read it differently."""
-    if headers.defects or headers.get_payload():     # e.g. whitespace before a colon
-        raise BadCallback("malformed header section")
-    for name, value in headers.raw_items():         # as received, no policy parsing
-        if not HEADER_NAME.fullmatch(name):
-            raise BadCallback("malformed header name %s" % escape(name, 40))
-        if HEADER_VALUE_BAD.search(value):
-            raise BadCallback("control character in header %s" % escape(name, 40))
-
-
-class RejectionLog:
-    """One line per rejected callback with its reason and client, at most
-    PER_SECOND a second; the rest are counted into one summary line."""
-
-    PER_SECOND = 5
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._second, self._logged, self._suppressed = 0, 0, 0
-
-    def note(self, status, client, reason, level=logging.WARNING):
-        with self._lock:
-            self._roll()
-            self._logged += 1
-            if self._logged > self.PER_SECOND:
-                self._suppressed += 1
-                return
-        log_event("rejected", level=level, status=status, client=client, reason=reason)
-
-    def flush(self):
-        with self._lock:
-            self._roll()
-
-    def _roll(self):
-        second = int(time.monotonic())
-        if second != self._second:
-            if self._suppressed:
-                log_event("rejected-more", level=logging.WARNING, count=self._suppressed,
-                          note="lines suppressed in the last second")
-            self._second, self._logged, self._suppressed = second, 0, 0
-
-
-class ConnectionPool:
-    """Threads that serve accepted connections, started as needed up to size
-    and then reused: a connection costs a queue hand-off, not a new thread
-    (Thread.start() also waits until the new thread runs)."""
-
-    def __init__(self, size, serve):
-        self.size, self.serve = size, serve
-        self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0                  # threads waiting for a job, not yet promised one
-        self._threads = []
-
-    def submit(self, request, client_address):
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            elif len(self._threads) < self.size:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name="http-%d" % len(self._threads))
-                self._threads.append(thread)
-                thread.start()
-        self._jobs.put((request, client_address))
-
-    def close(self):
-        """Serve what is queued, then end every thread."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            self.serve(*job)
-            with self._lock:
-                self._idle += 1
-
-
-def canned_answer(status_line, error, extra=b""):
-    """A whole HTTP/1.0 answer, sent without a handler thread."""
-    body = json.dumps({"status": "error", "error": error}).encode()
-    return (b"HTTP/1.0 %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
-            % (status_line, extra, len(body))) + body
-
-
-TOO_MANY = canned_answer(b"503 Service Unavailable", "too many connections", b"Retry-After: 1\r\n")
-PLAIN_ON_TLS = canned_answer(b"400 Bad Request", "this port speaks HTTPS: use an https:// URL")
-
-
-class ConnectionSlots:
-    """--max-connections, held by accepted connections. At the cap a new
-    connection takes the place of one that has sent nothing yet (idle
-    connections must not deny service), from the client address holding the
-    most slots, oldest first; failing that, when another address holds more
-    than half the slots, that address's oldest (nginx's limit_conn fairness).
-    Else the newcomer is refused."""
-
-    def __init__(self, size):
-        self.size = size
-        self._lock = threading.Lock()
-        self._held = {}                 # socket -> [client address, has sent a byte]
-
-    def free(self):
-        with self._lock:
-            return self.size - len(self._held)
-
-    def active(self):
-        """Connections that have begun their request."""
-        with self._lock:
-            return sum(1 for _, started in self._held.values() if started)
-
-    def admit(self, sock, client):
-        """(admitted, (connection that yields to it, whether it was idle) or None)."""
-        with self._lock:
-            cut = None
-            if len(self._held) >= self.size:
-                cut = self._yielding(client)
-                if cut is None:
-                    return False, None
-                del self._held[cut[0]]
-            self._held[sock] = [client, False]
-            return True, cut
-
-    def _yielding(self, client):
-        load = collections.Counter(holder for holder, _ in self._held.values())
-        idle = [s for s, (_, active) in self._held.items() if not active]
-        if idle:
-            return max(idle, key=lambda s: load[self._held[s][0]]), True
-        heaviest, count = load.most_common(1)[0]
-        if heaviest != client and count * 2 > self.size:
-            return next(s for s, (holder, _) in self._held.items() if holder == heaviest), False
-        return None
-
-    def rekey(self, old, new):
-        """The connection is now the TLS socket new (old is detached)."""
-        with self._lock:
-            if old in self._held:
-                self._held[new] = self._held.pop(old)
-
-    def activate(self, sock):
-        """The connection sent its first byte; False when it was cut meanwhile."""
-        with self._lock:
-            entry = self._held.get(sock)
-            if entry is not None:
-                entry[1] = True
-            return entry is not None
-
-    def release(self, sock):
-        with self._lock:
-            self._held.pop(sock, None)
-
-
-class Refusals:
-    """Connections turned away, answered without a thread: the answer goes
-    out at once (over TLS after a non-blocking handshake), then a brief drain
-    so that closing does not reset the connection over the answer (a
-    lingering close). At most MAX_LINGERING at a time, each for 2 s."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._socks = {}                # socket -> [deadline, answer still to send or None]
-
-    def add(self, sock, answer, tls=None):
-        entry = [time.monotonic() + 2.0, answer]
-        try:
-            sock.setblocking(False)
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            with self._lock:
-                if len(self._socks) >= MAX_LINGERING:
-                    raise OSError("too many lingering connections")
-                self._socks[sock] = entry
-        except OSError:
-            sock.close()
-            return
-        self._advance(sock, entry, False)
-
-    def poll(self, now):
-        with self._lock:
-            socks = list(self._socks.items())
-        if not socks:
-            return
-        try:
-            readable = set(select.select([s for s, _ in socks], [], [], 0)[0])
-        except (OSError, ValueError):
-            readable = {s for s, _ in socks}
-        for sock, entry in socks:
-            if entry[0] < now or self._advance(sock, entry, sock in readable):
-                with self._lock:
-                    self._socks.pop(sock, None)
-                sock.close()
-
-    def close(self):
-        with self._lock:
-            socks, self._socks = list(self._socks), {}
-        for sock in socks:
-            sock.close()
-
-    @staticmethod
-    def _advance(sock, entry, readable):
-        """One step for one connection; True when it may be closed."""
-        try:
-            if entry[1] is not None:
-                if isinstance(sock, ssl.SSLSocket):
-                    sock.do_handshake()         # raises SSLWantRead/WriteError until done
-                sock.send(entry[1])
-                entry[1] = None
-                socket.socket.shutdown(sock, socket.SHUT_WR)
-                return False
-            return readable and not socket.socket.recv(sock, 65536)   # drain, raw even for TLS
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            return False
-        except OSError:
-            return True
-
-
-class CallbackServer(http.server.HTTPServer):
-    """HTTP(S) server: connections served by a pool of at most
-    --max-connections threads (ConnectionSlots decides who gets one, Refusals
-    answers the rest), and a whole-request deadline enforced by one reaper
-    thread, so a client dripping bytes (slowloris) cannot hold a thread."""
-
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, config, receiver, listen_socket=None):
-        self.receiver = receiver
-        self.request_timeout = config.request_timeout
-        self.slots = ConnectionSlots(config.max_connections)
-        self.refusals = Refusals()
-        self.pool = ConnectionPool(config.max_connections, self._serve_connection)
-        self.deadlines = {}                       # socket -> monotonic deadline
-        self.deadlines_lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.helpers = []              # server_close() runs even when binding fails
-        self.tls = None
-        if config.tls_cert:
-            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2     # 3.9's default allows 1.0
-            self.tls.load_cert_chain(config.tls_cert, config.tls_key)
-        if listen_socket is not None:
-            self.address_family = listen_socket.family
-            super().__init__(listen_socket.getsockname(), CallbackHandler,
-                             bind_and_activate=False)
-            self.socket.close()
-            self.socket, self.server_address = listen_socket, listen_socket.getsockname()
-        else:
-            info = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
-                                      flags=socket.AI_PASSIVE)[0]
-            self.address_family = info[0]
-            super().__init__(info[4], CallbackHandler)
-        self.helpers = [threading.Thread(target=self._housekeep, name="http-deadlines",
-                                         daemon=True)]
-        for thread in self.helpers:
-            thread.start()
-
-    def server_bind(self):
-        # HTTPServer.server_bind would call getfqdn(): a DNS query that can hang
-        # start-up on a host without DNS.
-        socketserver.TCPServer.server_bind(self)
-
-    def get_request(self):
-        sock, address = self.socket.accept()
-        # A Unix socket (socket activation on a path) gives no client address.
-        return sock, address if isinstance(address, tuple) else ("local", 0)
-
-    def process_request(self, request, client_address):
-        admitted, cut = self.slots.admit(request, client_address[0])
-        if cut is not None:
-            self._cut(*cut)
-        if admitted:
-            return self.pool.submit(request, client_address)
-        self.receiver.metrics.inc("callbacks_total", "unavailable")
-        self.receiver.rejections.note(503, client_address[0], "max-connections")
-        self.refusals.add(request, TOO_MANY, self.tls)
-
-    def _cut(self, sock, idle):
-        """A connection yields its slot: an idle one gets a 503 where one can
-        be said without a handshake (plain HTTP); then a shutdown wakes the
-        thread serving it, which closes it. (The plain socket call: an
-        SSLSocket's own shutdown() is not safe while its thread reads.)"""
-        self.receiver.metrics.inc("connections_cut_total")
-        if idle and self.tls is None:
-            with contextlib.suppress(OSError):
-                sock.send(TOO_MANY)
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        if idle:
-            Platform.interrupt(sock)    # Windows wakes a blocked read only by a close
-
-    def _serve_connection(self, request, client_address):
-        handed_off = False
-        try:
-            handed_off = self.finish_request(request, client_address)
-        except Exception:               # thread boundary: socketserver logs it
-            self.handle_error(request, client_address)
-        finally:
-            self.slots.release(request)     # before the close: a cut must find it open
-            if not handed_off:
-                self.shutdown_request(request)
-
-    def finish_request(self, request, client_address):
-        """Wait for the first byte (an idle connection may be cut meanwhile),
-        then serve the request. True when the connection went to Refusals."""
-        conn = request
-        with self.deadlines_lock:
-            self.deadlines[request] = time.monotonic() + self.request_timeout
-        try:
-            if Platform.SOCKET_TIMEOUTS:
-                request.settimeout(self.request_timeout)
-            first = request.recv(1, socket.MSG_PEEK)
-            if not first or not self.slots.activate(request):
-                return False            # gone, cut, or past its deadline before a byte
-            if self.tls is not None:
-                if first != b"\x16":    # not a TLS handshake record (RFC 8446 5.1)
-                    self.refusals.add(request, PLAIN_ON_TLS)
-                    return True
-                conn = self.tls.wrap_socket(request, server_side=True,
-                                            do_handshake_on_connect=False)
-                self.slots.rekey(request, conn)
-                with self.deadlines_lock:    # the raw socket is detached now: watch conn
-                    self.deadlines[conn] = self.deadlines.pop(request)
-                conn.do_handshake()
-            self.RequestHandlerClass(conn, client_address, self)
-        except OSError as exc:          # TLS handshake failure, client gone or cut off
-            log_event("http-connection", client=client_address[0], reason=exc)
-        finally:
-            with self.deadlines_lock:   # before close: the fd must not be reused while listed
-                self.deadlines.pop(conn, None)
-                self.deadlines.pop(request, None)
-            if conn is not request:
-                self.slots.release(conn)
-                conn.close()
-        return False
-
-    def _housekeep(self):
-        """Every 0.1 s: cut off requests past their deadline, and move the
-        refused connections on."""
-        while not self.stopped.wait(0.1):
-            now = time.monotonic()
-            with self.deadlines_lock:
-                for sock, deadline in self.deadlines.items():
-                    if deadline < now:
-                        with contextlib.suppress(OSError):   # the plain socket call, also for TLS
-                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            self.refusals.poll(now)
-            self.receiver.rejections.flush()
-
-    def service_actions(self):
-        self.receiver.tick()
-
-    def server_close(self):
-        super().server_close()          # closes the listener
-        self.pool.close()               # answers the requests in flight
-        self.stopped.set()
-        for thread in self.helpers:
-            thread.join(5)
-        self.refusals.close()
-
-
-class Receiver:
-    """The running service: owns the store, queue, hook runner, server and
-    notifier, and starts and stops them in order."""
-
-    def __init__(self, config, resolver=system_resolver, env=None, clock=Clock,
-                 client_tls=None):
-        env = os.environ if env is None else env
-        self.config, self.clock = config, clock
-        self.metrics = Metrics()
-        self.rejections = RejectionLog()
-        self.heartbeat = self.next_rescan = self.next_look = time.monotonic()
-        self._probe_lock = threading.Lock()
-        self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
-        try:                            # listen first: a refused start creates nothing
-            self.server = CallbackServer(config, self, inherited_socket(env))
-        except ssl.SSLError as exc:
-            raise UsageError("--tls-cert/--tls-key cannot be loaded: %s" % exc) from None
-        except OSError as exc:
-            raise UsageError("cannot listen on %s port %d: %s; choose another with --port "
-                             "(or COVER_RECEIVER_PORT)"
-                             % (config.host, config.port, exc.strerror or exc)) from None
-        try:
-            self.store = open_store(config)
-        except UsageError:
-            self.server.server_close()
-            raise
-        self.hooks = HookRunner(config, self.store, clock)
-        self.requests = RequestBox(self.store)
-        self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
-                                   self.metrics, self.hooks.submit, clock=clock)
-        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
-                                 self._deliver, self.queue.end_task, self.metrics, self.store,
-                                 clock)
-        self.notifier = SystemdNotifier(env)
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
-            "poll_interval": 0.2}, name="http", daemon=True)
-
-    @property
-    def listen_address(self):
-        """(host, port); (socket path, None) for a Unix socket."""
-        address = self.server.server_address
-        if isinstance(address, (str, bytes)):           # a path, or b"\0name" (abstract)
-            return os.fsdecode(address).replace("\0", "@") or "unix", None
-        return address[:2]
-
-    @property
-    def url(self):
-        """The callback URL on this machine (for tests and the start-up log)."""
-        host, port = self.listen_address
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        return "%s://%s:%s%s" % ("https" if self.server.tls else "http",
-                                 "[%s]" % host if ":" in host else host, port, self.config.path)
-
-    def start(self):
-        expected = []
-        work = self.store.recover(expected)
-        self.requests.open()
-        self.queue.start()
-        self.hooks.start()
-        self.recovery.start()
-        self.recovery.put(expected)
-        for task_id, images in collections.Counter(job[0] for job in work).items():
-            log_event("resume", task_id, images=images)
-        self.queue.put(work)
-        self._take_hooks()
-        self._thread.start()
-        self._log_listening(len(work))
-        self.notifier.send("READY=1", "STATUS=" + self.status_line())
-        self.notifier.start(self.healthy, self.status_line)
-
-    def _log_listening(self, resumed):
-        config, (host, port) = self.config, self.listen_address
-        policy = ("only " + ",".join(config.allow_host) if config.allow_host
-                  else "public-https")
-        log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
-                  downloads=policy, tls="on" if self.server.tls else "off", resumed=resumed,
-                  signature="on" if config.hmac_key else "off",
-                  token="on" if config.token else "off")
-        if not (config.token or config.hmac_key) and port is not None and not is_loopback(host):
-            log_event("unprotected", level=logging.WARNING,
-                      note="anyone who finds the URL can post callbacks; set "
-                           "COVER_RECEIVER_TOKEN and add ?token=<it> to your callBackUrl")
-
-    def stop(self):
-        """Stop accepting, answer requests in flight, drain downloads."""
-        deadline = time.monotonic() + self.config.drain_seconds
-        log_event("stopping", drain_seconds=self.config.drain_seconds)
-        self.notifier.send("STOPPING=1")
-        self.server.shutdown()
-        self.server.server_close()
-        self.recovery.stop()
-        self.queue.stop(max(0.0, deadline - time.monotonic()))
-        self.hooks.stop(max(0.0, deadline - time.monotonic()))
-        self.notifier.stop()
-        self.requests.close()
-        log_event("stopped", pending=self.store.pending_count())
-
-    def tick(self):
-        """From the server loop: a heartbeat for the watchdog, a look for work
-        that retry handed over, and now and then (or at once after wake()) a
-        rescan for work that fetch or retry left pending on disk."""
-        self.heartbeat = now = time.monotonic()
-        if now < self.next_look:
-            return
-        self.next_look = now + REQUEST_POLL
-        try:
-            self._take_requests()
-            if now >= self.next_rescan:
-                self.next_rescan = now + self.config.rescan_seconds
-                expected = []
-                self.queue.put(self.store.pending_work(
-                    known=self.queue.tasks() | self.recovery.tasks(), expected=expected))
-                self.recovery.put(expected)
-                self._take_hooks()
-        except OSError as exc:
-            log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
-        except Exception:       # the HTTP thread's boundary: it must go on serving
-            LOG.exception("rescan crashed")
-
-    def wake(self):
-        """SIGHUP (systemctl reload): rescan <dir> now; nothing is dropped."""
-        log_event("reload", note="looking at the folder for due work now")
-        self.next_rescan = self.next_look = 0.0
-
-    def _take_requests(self):
-        """Do what retry handed over, as this service: its settings, its user."""
-        for kind, task_id, done in self.requests.take():
-            log_event("expect-requested" if kind == "expect" else "retry-requested", task_id,
-                      kind=kind)
-            try:
-                if kind == "images":
-                    self.queue.put(retry_images_of(self.store, task_id))
-                elif kind == "expect":
-                    parent = self.requests.content(kind, task_id).decode("ascii", "replace")
-                    created, record = self.store.expect(
-                        task_id, parent if TASK_ID_RE.fullmatch(parent) else None)
-                    self.recovery.put([record] if created else [])
-                elif self.config.on_complete:
-                    self.hooks.put(retry_hook_of(self.store, task_id))
-                else:
-                    log_event("retry-ignored", task_id, logging.WARNING,
-                              reason="this serve has no --on-complete to run")
-            except CorruptRecord as exc:
-                self.store.note_corrupt(task_id, exc)
-            except Unavailable as exc:
-                log_event("request-failed", task_id, logging.ERROR, reason=exc)
-            except OSError as exc:
-                log_event("request-failed", task_id, logging.ERROR, reason=os_reason(exc))
-            finally:
-                done()
-
-    def _take_hooks(self):
-        """Queue the hand-offs on disk that no hook run of ours holds."""
-        if self.config.on_complete:
-            work, failed = self.store.hook_work(known=self.hooks.tasks())
-            self.hooks.put(work)
-            self.hooks.failed = failed
-
-    def healthy(self, within):
-        return time.monotonic() - self.heartbeat < within and self.queue.alive()
-
-    def status_line(self):
-        return "%d pending, %d downloading, %d waiting to retry, %d saved" % (
-            self.store.pending_count(), self.queue.in_flight, self.queue.waiting(),
-            self.metrics.get("downloads_total", "saved"))
-
-    # -- the endpoint ------------------------------------------------------------
-
-    def handle_callback(self, client, query, headers, read_body):
-        """One POST to the callback path: the token, the body (read_body checks
-        its length and type), JSON, the signature, then _deliver(). Returns the
-        answer of a 200; raises a ReceiverError that dispatch maps to its status."""
-        config = self.config
-        if config.token:
-            verify_token(config.token, query)
-        body = read_body()
-        try:
-            obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise BadCallback("body is not JSON (or nested too deeply)") from None
-        if config.hmac_key:
-            verify_signature(config.hmac_key, callback_task_id(obj),
-                             headers.get("X-Webhook-Timestamp"),
-                             headers.get("X-Webhook-Signature"), self.clock.wall())
-        callback = Callback.from_json(obj)
-        outcome, record = self._deliver(callback, confirm=config.confirm)
-        self.metrics.inc("callbacks_total", outcome)
-        log_event(outcome, callback.task_id, client=client, code=callback.code,
-                  images=len(callback.images), msg=callback.msg,
-                  **({"confirm": "record-info"} if record["status"] == EXPECTED else {}))
-        return {"status": outcome, "taskId": callback.task_id}
-
-    def _deliver(self, callback, confirm=False):
-        """The one way into the pipeline, for a callback and for a record-info
-        answer alike: durable record, downloads queued, an ended task handed off."""
-        outcome, record = self.store.accept(callback, confirm)
-        self.queue.put(pending_jobs(record))
-        if record["status"] == EXPECTED:
-            self.recovery.put([record])         # --confirm: record-info is asked now
-        else:
-            self.recovery.forget(callback.task_id)
-        if outcome == "received" and record["status"] == FAILED:
-            self.queue.end_task(callback.task_id, FAILED)  # a failure callback ends its task
-        return outcome, record
-
-    def health(self):
-        error = self._probe_dir()
-        if error:
-            return 503, {"status": "error", "error": "dir not writable: %s" % error}
-        last = self.metrics.last_saved
-        expected, overdue, _ = self.recovery.counts()
-        return 200, {"status": "ok", "version": __version__,
-                     "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
-                     "expected": expected, "overdue": overdue,
-                     "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
-                     "hooksPending": self.hooks.pending(), "hooksFailed": len(self.hooks.failed),
-                     "lastDownloadAt": utc_now(last) if last else None}
-
-    def _probe_dir(self):
-        """Why <dir> cannot take a durable write, or None. A probe is an fsync:
-        a success serves every /healthz for a second, so a flood of them cannot
-        slow the callbacks' own fsyncs; a failure is probed again each time,
-        so a freed disk reports ok at once."""
-        with self._probe_lock:
-            if time.monotonic() - self._probed_ok < PROBE_CACHE_SECONDS:
-                return None
-            try:
-                self.store.probe()
-            except OSError as exc:
-                return os_reason(exc)
-            self._probed_ok = time.monotonic()
-            return None
-
-    def metrics_text(self):
-        expected, overdue, oldest = self.recovery.counts()
-        return self.metrics.render({
-            "tasks_expected": ("Tasks expected (expect, generate) with no callback yet.",
-                               expected),
-            "tasks_overdue": ("Expected tasks past --recover-after with no callback.", overdue),
-            "oldest_pending_age_seconds": ("Age of the oldest unfinished task (0: none).",
-                                           self._oldest_age(oldest)),
-            "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
-                              self.store.corrupt_count()),
-            "hooks_pending": ("Hand-offs (--on-complete) not yet done.", self.hooks.pending()),
-            "hooks_failed": ("Hand-offs that failed for good (retry --hook).",
-                             len(self.hooks.failed)),
-            "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
-            "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
-            "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
-
-    def _oldest_age(self, oldest_expected):
-        """Seconds since the oldest unfinished task was expected or received."""
-        received = self.queue.oldest_received()
-        times = [t for t in (oldest_expected, received) if t is not None]
-        return max(0.0, self.clock.wall() - min(times)) if times else 0.0
-
-
-def is_loopback(host):
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def inherited_socket(env):
-    """systemd socket activation (sd_listen_fds(3)): fd 3 when it is for us."""
-    if parse_digits(env.get("LISTEN_PID")) != os.getpid():
-        return None
-    if (parse_digits(env.get("LISTEN_FDS")) or 0) < 1:
-        return None
-    sock = socket.socket(fileno=3)
-    sock.setblocking(True)
-    return sock
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-def run_serve(config, env):
-    """Serve until SIGTERM or Ctrl+C; a second one while draining exits at
-    once, leaving the unfinished work pending on disk as a kill would."""
-    receiver = Receiver(config, env=env)
-    # The handler only appends to a list. A threading.Event would take a lock
-    # that the interrupted main thread may hold inside its own wait(): that
-    # deadlocked a SIGTERM about once in twenty under load.
-    signals = []
-
-    def on_signal(*_):
-        if signals:
-            log_event("stopped-hard", level=logging.WARNING, pending=receiver.store.pending_count())
-            os._exit(0)
-        signals.append(True)
-    for signum in Platform.STOP_SIGNALS:
-        signal.signal(signum, on_signal)
-    reloads = []
-    if Platform.RELOAD_SIGNAL is not None:
-        signal.signal(Platform.RELOAD_SIGNAL, lambda *_: reloads.append(True))
-    receiver.start()
-    while not signals:
-        time.sleep(0.2)             # a sleep lets Ctrl+C through on Windows
-        if reloads:
-            del reloads[:]
-            receiver.wake()
-    receiver.stop()
-    return 0
-
 
 class ApiClient:
     """The vendor API at --api-base, with the API key: record-info (GET) and
@@ -4221,17 +3419,9 @@ class Poller:
                 data = self.client.record_info(task_id, deadline)
             except ApiError as exc:
                 tries += 1
-                if not exc.retryable:
-                    return "error", str(exc)
-                delay = self.backoff.delay(tries, exc.retry_after)
-                log_event("api-retry", task_id, reason=exc, wait="%.2fs" % delay)
-                if self.clock() + delay > deadline or self.stop.wait(delay):
-                    # A passing error as --wait runs out says nothing new: a task
-                    # last seen generating is still pending (exit 3), not an error.
-                    if generating:
-                        return "pending", "still generating after %g s (the last poll: %s)" % (
-                            self.config.wait, exc)
-                    return "error", "%s (gave up)" % exc
+                ended = self._after_error(task_id, exc, tries, deadline, generating)
+                if ended:
+                    return ended
                 continue
             tries, generating = 0, True
             state = record_state(data)
@@ -4249,6 +3439,21 @@ class Poller:
             if self.stop.wait(interval):
                 return "pending", "stopped"
 
+    def _after_error(self, task_id, exc, tries, deadline, generating):
+        """Wait to poll again after an API error; (word, detail) when fetch gives up."""
+        if not exc.retryable:
+            return "error", str(exc)
+        delay = self.backoff.delay(tries, exc.retry_after)
+        log_event("api-retry", task_id, reason=exc, wait="%.2fs" % delay)
+        if self.clock() + delay <= deadline and not self.stop.wait(delay):
+            return None
+        # A passing error as --wait runs out says nothing new: a task last
+        # seen generating is still pending (exit 3), not an error.
+        if generating:
+            return "pending", "still generating after %g s (the last poll: %s)" % (
+                self.config.wait, exc)
+        return "error", "%s (gave up)" % exc
+
     def _finish(self, task_id, data, success, wait):
         try:
             outcome, record = self.store.accept(record_callback(task_id, data, success))
@@ -4262,58 +3467,915 @@ class Poller:
         return task_result(self.store, task_id)
 
 
-def task_result(store, task_id):
-    """(word, detail) for a task's record: done, failed, pending or corrupt."""
+# ---------------------------------------------------------------------------
+# HTTP: the server, its connections and the handler
+# ---------------------------------------------------------------------------
+
+class CallbackServer(http.server.HTTPServer):
+    """HTTP(S) server: connections served by a pool of at most
+    --max-connections threads (ConnectionSlots decides who gets one, Refusals
+    answers the rest), and a whole-request deadline enforced by one reaper
+    thread, so a client dripping bytes (slowloris) cannot hold a thread."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, config, receiver, listen_socket=None):
+        self.receiver = receiver
+        self.request_timeout = config.request_timeout
+        self.slots = ConnectionSlots(config.max_connections)
+        self.refusals = Refusals()
+        self.pool = ConnectionPool(config.max_connections, self._serve_connection)
+        self.deadlines = {}                       # socket -> monotonic deadline
+        self.deadlines_lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.helpers = []              # server_close() runs even when binding fails
+        self.tls = None
+        if config.tls_cert:
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2     # 3.9's default allows 1.0
+            self.tls.load_cert_chain(config.tls_cert, config.tls_key)
+        if listen_socket is not None:
+            self.address_family = listen_socket.family
+            super().__init__(listen_socket.getsockname(), CallbackHandler,
+                             bind_and_activate=False)
+            self.socket.close()
+            self.socket, self.server_address = listen_socket, listen_socket.getsockname()
+        else:
+            info = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                      flags=socket.AI_PASSIVE)[0]
+            self.address_family = info[0]
+            super().__init__(info[4], CallbackHandler)
+        self.helpers = [threading.Thread(target=self._housekeep, name="http-deadlines",
+                                         daemon=True)]
+        for thread in self.helpers:
+            thread.start()
+
+    def server_bind(self):
+        # HTTPServer.server_bind would call getfqdn(): a DNS query that can hang
+        # start-up on a host without DNS.
+        socketserver.TCPServer.server_bind(self)
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        # A Unix socket (socket activation on a path) gives no client address.
+        return sock, address if isinstance(address, tuple) else ("local", 0)
+
+    def process_request(self, request, client_address):
+        admitted, cut = self.slots.admit(request, client_address[0])
+        if cut is not None:
+            self._cut(*cut)
+        if admitted:
+            self.pool.submit(request, client_address)
+        else:
+            self.receiver.metrics.inc("callbacks_total", "unavailable")
+            self.receiver.rejections.note(503, client_address[0], "max-connections")
+            self.refusals.add(request, TOO_MANY, self.tls)
+
+    def _cut(self, sock, idle):
+        """A connection yields its slot: an idle one gets a 503 where one can
+        be said without a handshake (plain HTTP); then a shutdown wakes the
+        thread serving it, which closes it. (The plain socket call: an
+        SSLSocket's own shutdown() is not safe while its thread reads.)"""
+        self.receiver.metrics.inc("connections_cut_total")
+        if idle and self.tls is None:
+            with contextlib.suppress(OSError):
+                sock.send(TOO_MANY)
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        if idle:
+            Platform.interrupt(sock)    # Windows wakes a blocked read only by a close
+
+    def _serve_connection(self, request, client_address):
+        handed_off = False
+        try:
+            handed_off = self.finish_request(request, client_address)
+        except Exception:               # thread boundary: socketserver logs it
+            self.handle_error(request, client_address)
+        finally:
+            self.slots.release(request)     # before the close: a cut must find it open
+            if not handed_off:
+                self.shutdown_request(request)
+
+    def finish_request(self, request, client_address):
+        """Wait for the first byte (an idle connection may be cut meanwhile),
+        then serve the request. True when the connection went to Refusals."""
+        conn = request
+        with self.deadlines_lock:
+            self.deadlines[request] = time.monotonic() + self.request_timeout
+        try:
+            if Platform.SOCKET_TIMEOUTS:
+                request.settimeout(self.request_timeout)
+            first = request.recv(1, socket.MSG_PEEK)
+            if not first or not self.slots.activate(request):
+                return False            # gone, cut, or past its deadline before a byte
+            if self.tls is not None:
+                if first != b"\x16":    # not a TLS handshake record (RFC 8446 5.1)
+                    self.refusals.add(request, PLAIN_ON_TLS)
+                    return True
+                conn = self.tls.wrap_socket(request, server_side=True,
+                                            do_handshake_on_connect=False)
+                self.slots.rekey(request, conn)
+                with self.deadlines_lock:    # the raw socket is detached now: watch conn
+                    self.deadlines[conn] = self.deadlines.pop(request)
+                conn.do_handshake()
+            self.RequestHandlerClass(conn, client_address, self)
+        except OSError as exc:          # TLS handshake failure, client gone or cut off
+            log_event("http-connection", client=client_address[0], reason=exc)
+        finally:
+            with self.deadlines_lock:   # before close: the fd must not be reused while listed
+                self.deadlines.pop(conn, None)
+                self.deadlines.pop(request, None)
+            if conn is not request:
+                self.slots.release(conn)
+                conn.close()
+        return False
+
+    def _housekeep(self):
+        """Every 0.1 s: cut off requests past their deadline, and move the
+        refused connections on."""
+        while not self.stopped.wait(0.1):
+            now = time.monotonic()
+            with self.deadlines_lock:
+                for sock, deadline in self.deadlines.items():
+                    if deadline < now:
+                        with contextlib.suppress(OSError):   # the plain socket call, also for TLS
+                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            self.refusals.poll(now)
+            self.receiver.rejections.flush()
+
+    def service_actions(self):
+        self.receiver.tick()
+
+    def server_close(self):
+        super().server_close()          # closes the listener
+        self.pool.close()               # answers the requests in flight
+        self.stopped.set()
+        for thread in self.helpers:
+            thread.join(5)
+        self.refusals.close()
+
+
+class ConnectionSlots:
+    """--max-connections, held by accepted connections. At the cap a new
+    connection takes the place of one that has sent nothing yet (idle
+    connections must not deny service), from the client address holding the
+    most slots, oldest first; failing that, when another address holds more
+    than half the slots, that address's oldest (nginx's limit_conn fairness).
+    Else the newcomer is refused."""
+
+    def __init__(self, size):
+        self.size = size
+        self._lock = threading.Lock()
+        self._held = {}                 # socket -> [client address, has sent a byte]
+
+    def free(self):
+        with self._lock:
+            return self.size - len(self._held)
+
+    def active(self):
+        """Connections that have begun their request."""
+        with self._lock:
+            return sum(1 for _, started in self._held.values() if started)
+
+    def admit(self, sock, client):
+        """(admitted, (connection that yields to it, whether it was idle) or None)."""
+        with self._lock:
+            cut = None
+            if len(self._held) >= self.size:
+                cut = self._yielding(client)
+                if cut is None:
+                    return False, None
+                del self._held[cut[0]]
+            self._held[sock] = [client, False]
+            return True, cut
+
+    def _yielding(self, client):
+        load = collections.Counter(holder for holder, _ in self._held.values())
+        idle = [s for s, (_, active) in self._held.items() if not active]
+        if idle:
+            return max(idle, key=lambda s: load[self._held[s][0]]), True
+        heaviest, count = load.most_common(1)[0]
+        if heaviest != client and count * 2 > self.size:
+            return next(s for s, (holder, _) in self._held.items() if holder == heaviest), False
+        return None
+
+    def rekey(self, old, new):
+        """The connection is now the TLS socket new (old is detached)."""
+        with self._lock:
+            if old in self._held:
+                self._held[new] = self._held.pop(old)
+
+    def activate(self, sock):
+        """The connection sent its first byte; False when it was cut meanwhile."""
+        with self._lock:
+            entry = self._held.get(sock)
+            if entry is not None:
+                entry[1] = True
+            return entry is not None
+
+    def release(self, sock):
+        with self._lock:
+            self._held.pop(sock, None)
+
+
+class ConnectionPool:
+    """Threads that serve accepted connections, started as needed up to size
+    and then reused: a connection costs a queue hand-off, not a new thread
+    (Thread.start() also waits until the new thread runs)."""
+
+    def __init__(self, size, serve):
+        self.size, self.serve = size, serve
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0                  # threads waiting for a job, not yet promised one
+        self._threads = []
+
+    def submit(self, request, client_address):
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name="http-%d" % len(self._threads))
+                self._threads.append(thread)
+                thread.start()
+        self._jobs.put((request, client_address))
+
+    def close(self):
+        """Serve what is queued, then end every thread."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self.serve(*job)
+            with self._lock:
+                self._idle += 1
+
+
+class Refusals:
+    """Connections turned away, answered without a thread: the answer goes
+    out at once (over TLS after a non-blocking handshake), then a brief drain
+    so that closing does not reset the connection over the answer (a
+    lingering close). At most MAX_LINGERING at a time, each for 2 s."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._socks = {}                # socket -> [deadline, answer still to send or None]
+
+    def add(self, sock, answer, tls=None):
+        entry = [time.monotonic() + 2.0, answer]
+        try:
+            sock.setblocking(False)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            with self._lock:
+                if len(self._socks) >= MAX_LINGERING:
+                    raise OSError("too many lingering connections")
+                self._socks[sock] = entry
+        except OSError:
+            sock.close()
+            return
+        self._advance(sock, entry, False)
+
+    def poll(self, now):
+        with self._lock:
+            socks = list(self._socks.items())
+        if not socks:
+            return
+        try:
+            readable = set(select.select([s for s, _ in socks], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = {s for s, _ in socks}
+        for sock, entry in socks:
+            if entry[0] < now or self._advance(sock, entry, sock in readable):
+                with self._lock:
+                    self._socks.pop(sock, None)
+                sock.close()
+
+    def close(self):
+        with self._lock:
+            socks, self._socks = list(self._socks), {}
+        for sock in socks:
+            sock.close()
+
+    @staticmethod
+    def _advance(sock, entry, readable):
+        """One step for one connection; True when it may be closed."""
+        try:
+            if entry[1] is not None:
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.do_handshake()         # raises SSLWantRead/WriteError until done
+                sock.send(entry[1])
+                entry[1] = None
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+                return False
+            return readable and not socket.socket.recv(sock, 65536)   # drain, raw even for TLS
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        except OSError:
+            return True
+
+
+def canned_answer(status_line, error, extra=b""):
+    """A whole HTTP/1.0 answer, sent without a handler thread."""
+    body = json.dumps({"status": "error", "error": error}).encode()
+    return (b"HTTP/1.0 %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
+            % (status_line, extra, len(body))) + body
+
+
+TOO_MANY = canned_answer(b"503 Service Unavailable", "too many connections", b"Retry-After: 1\r\n")
+PLAIN_ON_TLS = canned_answer(b"400 Bad Request", "this port speaks HTTPS: use an https:// URL")
+
+
+class CallbackHandler(http.server.BaseHTTPRequestHandler):
+    """Parse, bound and verify one request; every ReceiverError becomes its
+    answer in dispatch(), the one place that maps errors to statuses."""
+
+    server_version = "cover_receiver/" + __version__
+    sys_version = ""
+    protocol_version = "HTTP/1.0"       # one request per connection: no idle keep-alive
+    wbufsize = -1                       # buffered: status, headers and body in one send
+    default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
+
+    def parse_request(self):
+        """The stdlib's parser, but one empty line before the request line is
+        skipped (RFC 9112 2.2), and HTTP/0.x is refused: http.server would
+        answer the first with silence and the second with no status line."""
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline.strip():
+            self.command, self.request_version = None, self.default_request_version
+            self.send_error(400, "no request line")
+            return False
+        if not super().parse_request():
+            return False
+        if self.request_version.startswith("HTTP/0."):
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "HTTP/1.0 or later is required")
+            return False
+        return True
+
+    def dispatch(self):
+        """Answer one request: the callback, /healthz or /metrics."""
+        receiver, target = self.server.receiver, None
+        try:
+            target = request_target(self.path)
+            check_headers(self.headers)
+            if target.path == receiver.config.path:
+                if self.command != "POST":
+                    raise MethodNotAllowed("use POST")
+                self.reply(200, receiver.handle_callback(
+                    self.client_address[0], target.query, self.headers, self.read_body))
+            elif self.command in ("GET", "HEAD") and target.path == "/healthz":
+                self.reply(*receiver.health())
+            elif self.command in ("GET", "HEAD") and target.path == "/metrics":
+                self.reply(200, receiver.metrics_text(), content_type="text/plain; version=0.0.4")
+            else:
+                raise NotFound("no such path")
+        except ReceiverError as exc:
+            if target and target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
+                receiver.metrics.inc("callbacks_total", exc.reason)
+                receiver.rejections.note(exc.status, self.client_address[0], exc,
+                                         logging.ERROR if exc.status == 503 else logging.WARNING)
+            elif isinstance(exc, NotFound) and self.command == "POST" and target:
+                # A callback sent to the wrong path (a callBackUrl typo) is lost without
+                # this line; the 404 itself does not name the configured path.
+                receiver.rejections.note(404, self.client_address[0], "POST to %s, but the "
+                                         "callback path is %s (--path)" % (
+                                             escape(target.path, 100), receiver.config.path))
+            self.reply(exc.status, {"status": "error", "error": str(exc)},
+                       allow="POST" if isinstance(exc, MethodNotAllowed) else None)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = dispatch
+
+    def read_body(self):
+        config = self.server.receiver.config
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:      # RFC 9112 6.3
+            if lengths:
+                raise BadCallback("Transfer-Encoding and Content-Length together")
+            raise LengthRequired("Content-Length is required (no chunked bodies)")
+        if not lengths:
+            raise LengthRequired("Content-Length is required")
+        values = {parse_digits(value) for value in lengths}
+        if None in values or len(values) > 1:
+            raise BadCallback("Content-Length must be one number")
+        length = values.pop()
+        if length > config.max_body_bytes:
+            raise TooLarge("body is larger than %d bytes" % config.max_body_bytes)
+        types = self.headers.get_all("Content-Type") or ["application/json"]
+        if len(types) > 1:                                         # RFC 9110 8.3: one value
+            raise BadCallback("more than one Content-Type")
+        if types[0].split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise BadCallback("body is shorter than Content-Length")
+        return body
+
+    def reply(self, status, payload, content_type="application/json", allow=None):
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        body = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if allow:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """stdlib parse errors (400, 414, 431, 501...) as JSON too."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        try:
+            self.reply(code, {"status": "error", "error": text})
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-"):
+        # The query may carry the token: log the path only.
+        try:
+            path = urllib.parse.urlsplit(getattr(self, "path", "")).path or "-"
+        except ValueError:
+            path = "-"
+        if path == self.server.receiver.config.path and self.command == "POST":
+            return                      # its received/duplicate/rejected line says it
+        log_event("http", client=self.client_address[0], method=self.command or "-",
+                  path=path, status=int(code))
+
+    def log_message(self, format, *args):
+        log_event("http-error", client=self.client_address[0], detail=format % args)
+
+
+def request_target(text):
+    """The request target split (origin or absolute form, RFC 9112 3.2)."""
     try:
-        record = store.read(task_id)
-    except CorruptRecord as exc:
-        return CORRUPT, str(exc)
-    if record is None:
-        return "error", "no task %s in %s" % (task_id, store.root)
-    if record["status"] == DONE:
-        return "done", "%d covers in %s" % (len(record["files"]), store.task_dir(task_id))
-    if record["status"] == FAILED:
-        return "failed", record.get("error") or "failed"
-    if record["status"] == EXPECTED:
-        return EXPECTED, task_reason(record)
-    return "pending", task_reason(record) or "downloads unfinished"
+        return urllib.parse.urlsplit(text)
+    except ValueError:
+        raise BadCallback("malformed request target") from None
 
 
-def task_reason(record):
-    """Why a task failed, or the last error and next try of a retrying one;
-    then how its hand-off stands, when it is not done."""
-    reason = image_reason(record)
-    if hook_state(record) in (PENDING, FAILED):
-        hook = "hook %s: %s" % (hook_state(record), hook_reason(record))
-        reason = "%s; %s" % (reason, hook) if reason else hook
-    return reason
+def check_headers(headers):
+    """RFC 9112 and 9110 strictness: a request whose header section does not
+    parse cleanly is refused, so no two parsers can read it differently."""
+    if headers.defects or headers.get_payload():     # e.g. whitespace before a colon
+        raise BadCallback("malformed header section")
+    for name, value in headers.raw_items():         # as received, no policy parsing
+        if not HEADER_NAME.fullmatch(name):
+            raise BadCallback("malformed header name %s" % escape(name, 40))
+        if HEADER_VALUE_BAD.search(value):
+            raise BadCallback("control character in header %s" % escape(name, 40))
 
 
-def image_reason(record):
-    if record.get("status") in (FAILED, CORRUPT):
-        return record.get("error") or ""
-    if record.get("status") == EXPECTED:
-        return expected_reason(record)
-    retrying = sorted((record["nextTryAt"][i], record["lastError"][i])
-                      for i in missing_images(record) if record["lastError"][i])
-    if not retrying:
-        return ""
-    when, error = retrying[0]
-    return "retrying %d image(s): %s; next try %s" % (len(retrying), error, when)
+class RejectionLog:
+    """One line per rejected callback with its reason and client, at most
+    PER_SECOND a second; the rest are counted into one summary line."""
+
+    PER_SECOND = 5
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._second, self._logged, self._suppressed = 0, 0, 0
+
+    def note(self, status, client, reason, level=logging.WARNING):
+        with self._lock:
+            self._roll()
+            self._logged += 1
+            if self._logged > self.PER_SECOND:
+                self._suppressed += 1
+                return
+        log_event("rejected", level=level, status=status, client=client, reason=reason)
+
+    def flush(self):
+        with self._lock:
+            self._roll()
+
+    def _roll(self):
+        second = int(time.monotonic())
+        if second != self._second:
+            if self._suppressed:
+                log_event("rejected-more", level=logging.WARNING, count=self._suppressed,
+                          note="lines suppressed in the last second")
+            self._second, self._logged, self._suppressed = second, 0, 0
 
 
-def expected_reason(record, now=None):
-    """How long an expected task has waited for its callback, and what
-    record-info last said."""
-    since = parse_utc(record.get("expectedAt"))
-    waited = max(0, int((time.time() if now is None else now) - since)) if since else 0
-    poll = record.get("poll") if isinstance(record.get("poll"), dict) else {}
-    text = "waiting for its callback for %ds" % waited
-    if poll.get("confirmSince"):
-        text = "--confirm: waiting for record-info to confirm its callback"
-    if poll.get("lastAnswer"):
-        text += "; record-info said: %s; next poll %s" % (poll["lastAnswer"], poll.get("nextPollAt"))
-    return text
+# ---------------------------------------------------------------------------
+# Service: the running receiver, its metrics and systemd
+# ---------------------------------------------------------------------------
+
+class Receiver:
+    """The running service: owns the store, queue, hook runner, server and
+    notifier, and starts and stops them in order."""
+
+    def __init__(self, config, resolver=system_resolver, env=None, clock=Clock,
+                 client_tls=None):
+        env = os.environ if env is None else env
+        self.config, self.clock = config, clock
+        self.metrics = Metrics()
+        self.rejections = RejectionLog()
+        self.heartbeat = self.next_rescan = self.next_look = time.monotonic()
+        self._probe_lock = threading.Lock()
+        self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
+        try:                            # listen first: a refused start creates nothing
+            self.server = CallbackServer(config, self, inherited_socket(env))
+        except ssl.SSLError as exc:
+            raise UsageError("--tls-cert/--tls-key cannot be loaded: %s" % exc) from None
+        except OSError as exc:
+            raise UsageError("cannot listen on %s port %d: %s; choose another with --port "
+                             "(or COVER_RECEIVER_PORT)"
+                             % (config.host, config.port, exc.strerror or exc)) from None
+        try:
+            self.store = open_store(config)
+        except UsageError:
+            self.server.server_close()
+            raise
+        self.hooks = HookRunner(config, self.store, clock)
+        self.requests = RequestBox(self.store)
+        self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
+                                   self.metrics, self.hooks.submit, clock=clock)
+        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
+                                 self._deliver, self.queue.end_task, self.metrics, self.store,
+                                 clock)
+        self.notifier = SystemdNotifier(env)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
+            "poll_interval": 0.2}, name="http", daemon=True)
+
+    @property
+    def listen_address(self):
+        """(host, port); (socket path, None) for a Unix socket."""
+        address = self.server.server_address
+        if isinstance(address, (str, bytes)):           # a path, or b"\0name" (abstract)
+            return os.fsdecode(address).replace("\0", "@") or "unix", None
+        return address[:2]
+
+    @property
+    def url(self):
+        """The callback URL on this machine (for tests and the start-up log)."""
+        host, port = self.listen_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return "%s://%s:%s%s" % ("https" if self.server.tls else "http",
+                                 "[%s]" % host if ":" in host else host, port, self.config.path)
+
+    def start(self):
+        expected = []
+        work = self.store.recover(expected)
+        self.requests.open()
+        self.queue.start()
+        self.hooks.start()
+        self.recovery.start()
+        self.recovery.put(expected)
+        for task_id, images in collections.Counter(job[0] for job in work).items():
+            log_event("resume", task_id, images=images)
+        self.queue.put(work)
+        self._take_hooks()
+        self._thread.start()
+        self._log_listening(len(work))
+        self.notifier.send("READY=1", "STATUS=" + self.status_line())
+        self.notifier.start(self.healthy, self.status_line)
+
+    def _log_listening(self, resumed):
+        config, (host, port) = self.config, self.listen_address
+        policy = ("only " + ",".join(config.allow_host) if config.allow_host
+                  else "public-https")
+        log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
+                  downloads=policy, tls="on" if self.server.tls else "off", resumed=resumed,
+                  signature="on" if config.hmac_key else "off",
+                  token="on" if config.token else "off")
+        if not (config.token or config.hmac_key) and port is not None and not is_loopback(host):
+            log_event("unprotected", level=logging.WARNING,
+                      note="anyone who finds the URL can post callbacks; set "
+                           "COVER_RECEIVER_TOKEN and add ?token=<it> to your callBackUrl")
+
+    def stop(self):
+        """Stop accepting, answer requests in flight, drain downloads."""
+        deadline = time.monotonic() + self.config.drain_seconds
+        log_event("stopping", drain_seconds=self.config.drain_seconds)
+        self.notifier.send("STOPPING=1")
+        self.server.shutdown()
+        self.server.server_close()
+        self.recovery.stop()
+        self.queue.stop(max(0.0, deadline - time.monotonic()))
+        self.hooks.stop(max(0.0, deadline - time.monotonic()))
+        self.notifier.stop()
+        self.requests.close()
+        log_event("stopped", pending=self.store.pending_count())
+
+    def tick(self):
+        """From the server loop: a heartbeat for the watchdog, a look for work
+        that retry handed over, and now and then (or at once after wake()) a
+        rescan for work that fetch or retry left pending on disk."""
+        self.heartbeat = now = time.monotonic()
+        if now < self.next_look:
+            return
+        self.next_look = now + REQUEST_POLL
+        try:
+            self._take_requests()
+            if now >= self.next_rescan:
+                self.next_rescan = now + self.config.rescan_seconds
+                expected = []
+                self.queue.put(self.store.pending_work(
+                    known=self.queue.tasks() | self.recovery.tasks(), expected=expected))
+                self.recovery.put(expected)
+                self._take_hooks()
+        except OSError as exc:
+            log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
+        except Exception:       # the HTTP thread's boundary: it must go on serving
+            LOG.exception("rescan crashed")
+
+    def wake(self):
+        """SIGHUP (systemctl reload): rescan <dir> now; nothing is dropped."""
+        log_event("reload", note="looking at the folder for due work now")
+        self.next_rescan = self.next_look = 0.0
+
+    def _take_requests(self):
+        """Do what retry handed over, as this service: its settings, its user."""
+        for kind, task_id, done in self.requests.take():
+            log_event("expect-requested" if kind == "expect" else "retry-requested", task_id,
+                      kind=kind)
+            try:
+                if kind == "images":
+                    self.queue.put(retry_images_of(self.store, task_id))
+                elif kind == "expect":
+                    parent = self.requests.content(kind, task_id).decode("ascii", "replace")
+                    created, record = self.store.expect(
+                        task_id, parent if TASK_ID_RE.fullmatch(parent) else None)
+                    self.recovery.put([record] if created else [])
+                elif self.config.on_complete:
+                    self.hooks.put(retry_hook_of(self.store, task_id))
+                else:
+                    log_event("retry-ignored", task_id, logging.WARNING,
+                              reason="this serve has no --on-complete to run")
+            except CorruptRecord as exc:
+                self.store.note_corrupt(task_id, exc)
+            except Unavailable as exc:
+                log_event("request-failed", task_id, logging.ERROR, reason=exc)
+            except OSError as exc:
+                log_event("request-failed", task_id, logging.ERROR, reason=os_reason(exc))
+            finally:
+                done()
+
+    def _take_hooks(self):
+        """Queue the hand-offs on disk that no hook run of ours holds."""
+        if self.config.on_complete:
+            work, failed = self.store.hook_work(known=self.hooks.tasks())
+            self.hooks.put(work)
+            self.hooks.failed = failed
+
+    def healthy(self, within):
+        return time.monotonic() - self.heartbeat < within and self.queue.alive()
+
+    def status_line(self):
+        return "%d pending, %d downloading, %d waiting to retry, %d saved" % (
+            self.store.pending_count(), self.queue.in_flight, self.queue.waiting(),
+            self.metrics.get("downloads_total", "saved"))
+
+    # -- the endpoint ------------------------------------------------------------
+
+    def handle_callback(self, client, query, headers, read_body):
+        """One POST to the callback path: the token, the body (read_body checks
+        its length and type), JSON, the signature, then _deliver(). Returns the
+        answer of a 200; raises a ReceiverError that dispatch maps to its status."""
+        config = self.config
+        if config.token:
+            verify_token(config.token, query)
+        body = read_body()
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadCallback("body is not JSON (or nested too deeply)") from None
+        if config.hmac_key:
+            verify_signature(config.hmac_key, callback_task_id(obj),
+                             headers.get("X-Webhook-Timestamp"),
+                             headers.get("X-Webhook-Signature"), self.clock.wall())
+        callback = Callback.from_json(obj)
+        outcome, record = self._deliver(callback, confirm=config.confirm)
+        self.metrics.inc("callbacks_total", outcome)
+        log_event(outcome, callback.task_id, client=client, code=callback.code,
+                  images=len(callback.images), msg=callback.msg,
+                  **({"confirm": "record-info"} if record["status"] == EXPECTED else {}))
+        return {"status": outcome, "taskId": callback.task_id}
+
+    def _deliver(self, callback, confirm=False):
+        """The one way into the pipeline, for a callback and for a record-info
+        answer alike: durable record, downloads queued, an ended task handed off."""
+        outcome, record = self.store.accept(callback, confirm)
+        self.queue.put(pending_jobs(record))
+        if record["status"] == EXPECTED:
+            self.recovery.put([record])         # --confirm: record-info is asked now
+        else:
+            self.recovery.forget(callback.task_id)
+        if outcome == "received" and record["status"] == FAILED:
+            self.queue.end_task(callback.task_id, FAILED)  # a failure callback ends its task
+        return outcome, record
+
+    def health(self):
+        error = self._probe_dir()
+        if error:
+            return 503, {"status": "error", "error": "dir not writable: %s" % error}
+        last = self.metrics.last_saved
+        expected, overdue, _ = self.recovery.counts()
+        return 200, {"status": "ok", "version": __version__,
+                     "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
+                     "expected": expected, "overdue": overdue,
+                     "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
+                     "hooksPending": self.hooks.pending(), "hooksFailed": len(self.hooks.failed),
+                     "lastDownloadAt": utc_now(last) if last else None}
+
+    def _probe_dir(self):
+        """Why <dir> cannot take a durable write, or None. A probe is an fsync:
+        a success serves every /healthz for a second, so a flood of them cannot
+        slow the callbacks' own fsyncs; a failure is probed again each time,
+        so a freed disk reports ok at once."""
+        with self._probe_lock:
+            if time.monotonic() - self._probed_ok < PROBE_CACHE_SECONDS:
+                return None
+            try:
+                self.store.probe()
+            except OSError as exc:
+                return os_reason(exc)
+            self._probed_ok = time.monotonic()
+            return None
+
+    def metrics_text(self):
+        expected, overdue, oldest = self.recovery.counts()
+        return self.metrics.render({
+            "tasks_expected": ("Tasks expected (expect, generate) with no callback yet.",
+                               expected),
+            "tasks_overdue": ("Expected tasks past --recover-after with no callback.", overdue),
+            "oldest_pending_age_seconds": ("Age of the oldest unfinished task (0: none).",
+                                           self._oldest_age(oldest)),
+            "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
+                              self.store.corrupt_count()),
+            "hooks_pending": ("Hand-offs (--on-complete) not yet done.", self.hooks.pending()),
+            "hooks_failed": ("Hand-offs that failed for good (retry --hook).",
+                             len(self.hooks.failed)),
+            "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
+            "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
+            "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
+
+    def _oldest_age(self, oldest_expected):
+        """Seconds since the oldest unfinished task was expected or received."""
+        received = self.queue.oldest_received()
+        times = [t for t in (oldest_expected, received) if t is not None]
+        return max(0.0, self.clock.wall() - min(times)) if times else 0.0
+
+
+class Metrics:
+    """Counters for /metrics and /healthz (Prometheus text format 0.0.4)."""
+
+    HELP = {
+        "callbacks_total": ("counter", "Callbacks answered, by outcome.", CALLBACK_OUTCOMES),
+        "downloads_total": ("counter", "Images finished, by outcome.", ("saved", "failed")),
+        "download_retries_total": ("counter", "Image download tries that will be retried.", ()),
+        "downloaded_bytes_total": ("counter", "Bytes of covers saved.", ()),
+        "connections_cut_total": ("counter", "Idle connections cut to make room at "
+                                  "--max-connections.", ()),
+        "api_requests_total": ("counter", "serve's record-info requests, by outcome (ok, or "
+                               "the error's kind).", ("ok", "passing", "person", "unknown",
+                                                      "refused")),
+        "tasks_recovered_total": ("counter", "Expected tasks whose result came from "
+                                  "record-info, no callback needed.", ()),
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}
+        self.started = time.time()
+        self.last_saved = None
+
+    def inc(self, name, outcome=None, amount=1):
+        with self._lock:
+            key = (name, outcome)
+            self._counts[key] = self._counts.get(key, 0) + amount
+            if name == "downloads_total" and outcome == "saved":
+                self.last_saved = time.time()
+
+    def get(self, name, outcome=None):
+        with self._lock:
+            return self._counts.get((name, outcome), 0)
+
+    def render(self, gauges):
+        """The Prometheus text exposition (version 0.0.4) of the counters
+        and the gauges given, each with its HELP and TYPE lines."""
+        lines = []
+        for name, (kind, text, outcomes) in self.HELP.items():
+            lines += ["# HELP cover_receiver_%s %s" % (name, text),
+                      "# TYPE cover_receiver_%s %s" % (name, kind)]
+            for outcome in outcomes or (None,):
+                label = '{outcome="%s"}' % outcome if outcome else ""
+                lines.append("cover_receiver_%s%s %d" % (name, label, self.get(name, outcome)))
+        gauges = dict(gauges, process_start_time_seconds=("Start time, unix seconds.",
+                                                          self.started))
+        for name, (text, value) in gauges.items():
+            lines += ["# HELP cover_receiver_%s %s" % (name, text),
+                      "# TYPE cover_receiver_%s gauge" % name,
+                      "cover_receiver_%s %s" % (name, repr(float(value)) if isinstance(value, float)
+                                                else value)]
+        return "\n".join(lines) + "\n"
+
+
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET."""
+
+    def __init__(self, env):
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec = parse_digits(env.get("WATCHDOG_USEC"))
+        pid_ok = parse_digits(env.get("WATCHDOG_PID", str(os.getpid()))) == os.getpid()
+        self.watchdog = usec / 2e6 if usec and pid_ok else None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def send(self, *lines):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:
+            log_event("notify-failed", level=logging.WARNING, reason=exc)
+
+    def start(self, healthy, status):
+        """Tick every half watchdog period (or 5 s): STATUS=, and WATCHDOG=1
+        only while healthy() says the server loop and workers are alive."""
+        if not self.address:
+            return
+        interval = self.watchdog or 5.0
+
+        def tick():
+            while not self._stop.wait(interval):
+                lines = ["STATUS=" + status()]
+                if self.watchdog and healthy(interval * 2):
+                    lines.append("WATCHDOG=1")
+                self.send(*lines)
+        self._thread = threading.Thread(target=tick, name="sd-notify", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def inherited_socket(env):
+    """systemd socket activation (sd_listen_fds(3)): fd 3 when it is for us."""
+    if parse_digits(env.get("LISTEN_PID")) != os.getpid():
+        return None
+    if (parse_digits(env.get("LISTEN_FDS")) or 0) < 1:
+        return None
+    sock = socket.socket(fileno=3)
+    sock.setblocking(True)
+    return sock
+
+
+# ---------------------------------------------------------------------------
+# CLI: one run_* per command, and main
+# ---------------------------------------------------------------------------
+
+def run_serve(config, env):
+    """Serve until SIGTERM or Ctrl+C; a second one while draining exits at
+    once, leaving the unfinished work pending on disk as a kill would."""
+    receiver = Receiver(config, env=env)
+    # The handler only appends to a list. A threading.Event would take a lock
+    # that the interrupted main thread may hold inside its own wait(): that
+    # deadlocked a SIGTERM about once in twenty under load.
+    signals = []
+
+    def on_signal(*_):
+        if signals:
+            log_event("stopped-hard", level=logging.WARNING, pending=receiver.store.pending_count())
+            os._exit(0)
+        signals.append(True)
+    for signum in Platform.STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    reloads = []
+    if Platform.RELOAD_SIGNAL is not None:
+        signal.signal(Platform.RELOAD_SIGNAL, lambda *_: reloads.append(True))
+    receiver.start()
+    while not signals:
+        time.sleep(0.2)             # a sleep lets Ctrl+C through on Windows
+        if reloads:
+            del reloads[:]
+            receiver.wake()
+    receiver.stop()
+    return 0
 
 
 def run_fetch(config, env):
@@ -4537,14 +4599,6 @@ def print_hook_line(store, task_id):
     detail = hook_reason(record) if state else "no hand-off recorded for this task"
     print("%s hook %s: %s" % (task_id, state or "none", detail), flush=True)
     return state
-
-
-def hook_reason(record):
-    hook = record.get("hook") if record else None
-    if not isinstance(hook, dict) or hook.get("status") == DONE:
-        return "done" if hook else ""
-    when = "; next try %s" % hook["nextTryAt"] if hook.get("nextTryAt") else ""
-    return "%s after %d tries%s" % (hook.get("lastError") or "not run yet", hook["tries"], when)
 
 
 def run_status(config, env):
