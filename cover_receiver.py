@@ -145,6 +145,9 @@ UNFINISHED = (EXPECTED, PENDING)    # a task with a .pending.<taskId> marker
 API_GAP = 1.0                   # serve: seconds between two API requests (no burst, ever)
 CONFIRM_GRACE = 300.0           # --confirm: how long record-info may lag a success callback
 COVER_NAME = re.compile(r"cover_([1-9][0-9]?)\.(png|jpg|webp|gif)")
+COVER_EXTS = ("png", "jpg", "webp", "gif")
+COVER_NAMES = frozenset("cover_%d.%s" % (n, ext) for n in range(1, 100) for ext in COVER_EXTS)
+FILE_ENTRIES = COVER_NAMES | {None}      # what task.json's files list may hold
 # A DNS name as a resolver can take it (RFC 1035 2.3.4: labels of at most 63,
 # a name of at most 253 characters); "_" appears in real host names.
 HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -152,7 +155,6 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (408, 429)     # plus every 5xx
 IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"),
                (b"GIF87a", "gif"), (b"GIF89a", "gif"))
-COVER_EXTS = ("png", "jpg", "webp", "gif")
 CALLBACK_OUTCOMES = ("received", "duplicate", "bad_request", "unauthorized", "length_required",
                      "too_large", "unsupported_media_type", "unavailable")
 
@@ -1104,28 +1106,27 @@ def read_regular_file(path, limit):
     """The bytes of path, which must be a regular file of at most limit bytes
     (no link followed, no FIFO waited on). FileNotFoundError when absent,
     CorruptRecord saying why when it is there but not that."""
-    name = os.path.basename(path)
     try:
         fd = Platform.retry_sharing(os.open, path, Platform.READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(path) from None
     except OSError as exc:
-        raise CorruptRecord("%s cannot be opened: %s" % (name, os_reason(exc))) from None
+        raise CorruptRecord("%s cannot be opened: %s" % (os.path.basename(path), os_reason(exc))) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CorruptRecord("%s is not a regular file" % name)
+            raise CorruptRecord("%s is not a regular file" % os.path.basename(path))
         if info.st_size > limit:
-            raise CorruptRecord("%s is larger than %d bytes" % (name, limit))
+            raise CorruptRecord("%s is larger than %d bytes" % (os.path.basename(path), limit))
         # Read what fstat says is there (plus one byte, to see it grew past
         # limit): a read of limit bytes would allocate a 1 MiB buffer each time.
         data = os.read(fd, info.st_size + 1)
         if info.st_size < len(data) <= limit:       # it grew since: read up to the bound
             data += os.read(fd, limit + 1 - len(data))
         if len(data) > limit:
-            raise CorruptRecord("%s is larger than %d bytes" % (name, limit))
+            raise CorruptRecord("%s is larger than %d bytes" % (os.path.basename(path), limit))
     except OSError as exc:
-        raise CorruptRecord("%s cannot be read: %s" % (name, os_reason(exc))) from None
+        raise CorruptRecord("%s cannot be read: %s" % (os.path.basename(path), os_reason(exc))) from None
     finally:
         os.close(fd)
     return data
@@ -1216,7 +1217,7 @@ class TaskStore:
     @staticmethod
     def _read_in(folder, task_id):
         try:
-            data = read_regular_file(os.path.join(folder, "task.json"), MAX_RECORD_BYTES)
+            data = read_regular_file(folder + os.sep + "task.json", MAX_RECORD_BYTES)
         except FileNotFoundError:
             return None
         try:
@@ -1298,7 +1299,7 @@ class TaskStore:
     def _record_or_corrupt(self, task_id, is_folder=False):
         try:
             if is_folder:
-                return self._read_in(os.path.join(self.root, task_id), task_id)
+                return self._read_in(self.root + os.sep + task_id, task_id)
             return self.read(task_id)
         except CorruptRecord as exc:
             return {"taskId": task_id, "status": CORRUPT, "error": str(exc)}
@@ -2123,8 +2124,13 @@ def hook_state(record):
 
 RECORD_FIELDS = {"taskId": str, "status": str, "code": int, "msg": str, "images": list,
                  "files": list, "receivedAt": str, "updatedAt": str}
+RECORD_TYPES = tuple(RECORD_FIELDS.values())
 PER_IMAGE_FIELDS = (("errors", None, str), ("tries", 0, int), ("lastError", None, str),
                     ("nextTryAt", None, str))
+PER_IMAGE_KEYS = tuple(key for key, _, _ in PER_IMAGE_FIELDS)
+# The checks below compare sets and tuples of types (map and set run in C):
+# status --all checks every record, and a loop per field would double its cost.
+TEXT_OR_NONE, TEXT = {str, type(None)}, {str}
 
 
 def record_problem(record, task_id):
@@ -2136,12 +2142,10 @@ def record_problem(record, task_id):
 
 
 def record_fields_problem(record, task_id):
-    for key, kind in RECORD_FIELDS.items():
-        if key == "receivedAt" and record.get(key) is None \
-                and isinstance(record.get("expectedAt"), str):
-            continue                    # expected, and no callback (yet, or ever)
-        if type(record.get(key)) is not kind:       # exact: a bool is no code
-            return "has no %s %s" % (kind.__name__, key)
+    if tuple(map(type, map(record.get, RECORD_FIELDS))) != RECORD_TYPES:
+        problem = field_type_problem(record)
+        if problem:
+            return problem
     if record["taskId"] != task_id:
         return "names another task (%s)" % escape(record["taskId"], 40)
     if record["status"] not in (PENDING, DONE, FAILED, EXPECTED):
@@ -2159,22 +2163,43 @@ def record_fields_problem(record, task_id):
     return None
 
 
+def field_type_problem(record):
+    """Which field has the wrong type (exact: a bool is no code), or None."""
+    for key, kind in RECORD_FIELDS.items():
+        if key == "receivedAt" and record.get(key) is None \
+                and isinstance(record.get("expectedAt"), str):
+            continue                    # expected, and no callback (yet, or ever)
+        if type(record.get(key)) is not kind:
+            return "has no %s %s" % (kind.__name__, key)
+    return None
+
+
 def image_lists_problem(record):
-    # Types are compared as sets (map and set run in C): status --all checks
-    # every record, and a generator per two-item list would double its cost.
     images, files, count = record["images"], record["files"], len(record["images"])
-    if count > MAX_IMAGES or not set(map(type, images)) <= {str} or len(files) != count:
+    if count > MAX_IMAGES or len(files) != count or not TEXT.issuperset(map(type, images)):
         return "has a wrong images or files list"
-    names = [name for name in files if name is not None]
-    if not set(map(type, names)) <= {str} or not all(map(COVER_NAME.fullmatch, names)):
+    if not TEXT_OR_NONE.issuperset(map(type, files)) or not FILE_ENTRIES.issuperset(files):
         return "names a file that is not a cover"
-    for key, empty, kind in PER_IMAGE_FIELDS:
-        values = record.setdefault(key, [empty] * count)
-        if not isinstance(values, list) or len(values) != count:
-            record[key] = values = [empty] * count
-        if not set(map(type, values)) <= ({kind, type(None)} if empty is None else {kind}):
+    lists = list(map(record.get, PER_IMAGE_KEYS))
+    if list(map(type, lists)) != [list] * 4 or list(map(len, lists)) != [count] * 4:
+        lists = [upgraded_list(record, key, empty, count) for key, empty, _ in PER_IMAGE_FIELDS]
+    errors, tries, last_errors, next_tries = lists
+    if {int}.issuperset(map(type, tries)) \
+            and TEXT_OR_NONE.issuperset(map(type, errors + last_errors + next_tries)):
+        return None
+    for (key, empty, kind), values in zip(PER_IMAGE_FIELDS, lists):
+        if not ({kind, type(None)} if empty is None else {kind}).issuperset(map(type, values)):
             return "has a wrong %s list" % key
     return None
+
+
+def upgraded_list(record, key, empty, count):
+    """record[key], made a list of count empty values when it is not one
+    (1.0 wrote no retry fields)."""
+    values = record.get(key)
+    if type(values) is not list or len(values) != count:
+        record[key] = values = [empty] * count
+    return values
 
 
 def saved_covers(folder):
@@ -2250,6 +2275,8 @@ def task_reason(record):
 
 
 def image_reason(record):
+    if record.get("status") == DONE:
+        return ""
     if record.get("status") in (FAILED, CORRUPT):
         return record.get("error") or ""
     if record.get("status") == EXPECTED:
@@ -4658,9 +4685,10 @@ class StatusTable:
             self._print(self.ROW % ("TASK", "STATUS", "COVERS", "UPDATED", "REASON"))
         files = record.get("files") or []
         head = self.ROW % (record.get("taskId"), record.get("status"),
-                           "%d/%d" % (sum(1 for f in files if f), len(files)),
+                           "%d/%d" % (len(files) - files.count(None), len(files)),
                            record.get("updatedAt") or "-", "")
-        reason = escape(task_reason(record), 1000)
+        reason = task_reason(record)
+        reason = escape(reason, 1000) if reason else ""
         if len(head) + len(reason) <= self.width:
             self._print(head + reason)
             return

@@ -1816,6 +1816,29 @@ def test_a_full_disk_while_saving_is_retried_until_it_lands(small_disk, start, c
     assert read(os.path.join(receiver.dir, "nospace", "cover_1.png")) == PNG
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({}, None),
+    ({"code": True}, "has no int code"),
+    ({"receivedAt": None}, "has no str receivedAt"),
+    ({"taskId": "other"}, "names another task (other)"),
+    ({"status": "lost"}, "has an unknown status lost"),
+    ({"error": 5}, "has an error that is not text"),
+    ({"hook": {"status": "pending"}}, "has a malformed hook"),
+    ({"images": ["u", 1], "files": [None, None]}, "has a wrong images or files list"),
+    ({"files": ["cover_1.exe"]}, "names a file that is not a cover"),
+    ({"files": [["cover_1.png"]]}, "names a file that is not a cover"),
+    ({"tries": [True]}, "has a wrong tries list"),
+    ({"lastError": [3]}, "has a wrong lastError list"),
+    ({"nextTryAt": None}, None),                # 1.0 wrote no retry fields: upgraded
+], ids=repr)
+def test_a_record_is_checked_field_by_field_and_named_in_the_reason(change, problem):
+    stored = json.loads(valid_record_bytes("t1"))
+    stored.update(change)
+    assert cr.record_problem(stored, "t1") == problem
+    if problem is None:
+        assert stored["nextTryAt"] == [None]
+
+
 @pytest.mark.parametrize("shape", CORRUPT_SHAPES)
 def test_a_corrupt_record_at_start_up_is_reported_and_never_stops_serving(
         start, cdn, tmp_path, caplog, shape):

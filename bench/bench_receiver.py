@@ -68,9 +68,9 @@ def image_urls(cdn, count):
     return ["http://127.0.0.1:%d/img/%d" % (cdn.port, n) for n in range(count)]
 
 
-def fake_cdn(sizes, delay=0.0):
-    """Serves /img/<n> as a PNG of sizes[n] bytes after delay seconds."""
-    bodies = {n: PNG_HEAD + b"\0" * (size - len(PNG_HEAD)) for n, size in enumerate(sizes)}
+def cdn_server(count, size, delay):
+    """Serves /img/<n> (n < count) as a PNG of size bytes after delay seconds."""
+    body = PNG_HEAD + b"\0" * (size - len(PNG_HEAD))
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -78,7 +78,9 @@ def fake_cdn(sizes, delay=0.0):
         def do_GET(self):
             if delay:
                 time.sleep(delay)
-            body = bodies[int(self.path.rsplit("/", 1)[1])]
+            if int(self.path.rsplit("/", 1)[1]) >= count:
+                self.send_error(404)
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -89,6 +91,21 @@ def fake_cdn(sizes, delay=0.0):
         def log_message(self, *args):
             pass
     return Server(Handler)
+
+
+class FakeCDN:
+    """cdn_server() run as its own process: the bench's senders and its
+    baseline loop share this process's GIL, and an image host starved by
+    them would slow the receiver's downloads, not the receiver."""
+
+    def __init__(self, count, size, delay=0.0):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--cdn", str(count), str(size),
+                                      str(delay)], stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
 def durable_write(root, name, raw):
@@ -292,7 +309,7 @@ def wait_until(predicate, timeout=600):
 # ---------------------------------------------------------------------------
 
 def ack_latency(work, n, naive_n, delay):
-    cdn = fake_cdn([200_000, 200_000], delay=delay)
+    cdn = FakeCDN(2, 200_000, delay)
     images = image_urls(cdn, 2)
     receiver = Receiver(os.path.join(work, "ack"))
     try:
@@ -449,7 +466,7 @@ def loop_rate(folder, urls, size):
 
 def throughput(work, label, count, size, target, workers=4):
     """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
-    cdn = fake_cdn([size] * count)
+    cdn = FakeCDN(count, size)
     urls = image_urls(cdn, count)
     try:
         base = loop_rate(os.path.join(work, label + "-baseline"), urls, size)
@@ -476,7 +493,7 @@ def catch_up(work, tasks, size, workers=4):
     """The restart after an outage: `tasks` pending tasks of 2 images already
     in --dir (the receiver's own records and pending marks), timed from the
     receiver's start until none is pending, against the loop on the same images."""
-    cdn = fake_cdn([size] * (tasks * 2))
+    cdn = FakeCDN(tasks * 2, size)
     urls = image_urls(cdn, tasks * 2)
     try:
         base = loop_rate(os.path.join(work, "catchup-baseline"), urls, size)
@@ -649,7 +666,7 @@ def idle_cpu(receiver, seconds):
 def history(work, finished, callbacks, idle_seconds):
     """The same figures on an empty --dir and on one holding `finished` done
     tasks: what history costs (issue: cost does not grow with history)."""
-    cdn = fake_cdn([20_000])
+    cdn = FakeCDN(1, 20_000)
     try:
         own_layout(os.path.join(work, "hist-empty"))
         empty = history_figures(os.path.join(work, "hist-empty"), callbacks, cdn.port,
@@ -687,10 +704,12 @@ def main(argv=None):
                         help="finished tasks in the history rounds (default 100000; "
                              "--quick 2000; 1000000 for the issue's figures)")
     parser.add_argument("--serve", choices=("naive", "durable"), help=argparse.SUPPRESS)
+    parser.add_argument("--cdn", nargs=3, type=float, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve:                      # a Baseline subprocess
-        server = baseline_receiver(args.serve, args.work)
+    if args.serve or args.cdn:          # a Baseline or FakeCDN subprocess
+        server = (baseline_receiver(args.serve, args.work) if args.serve
+                  else cdn_server(int(args.cdn[0]), int(args.cdn[1]), args.cdn[2]))
         print(server.port, flush=True)
         threading.Event().wait()
     quick = args.quick
