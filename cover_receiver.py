@@ -1111,7 +1111,8 @@ def read_regular_file(path, limit):
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(path) from None
     except OSError as exc:
-        raise CorruptRecord("%s cannot be opened: %s" % (os.path.basename(path), os_reason(exc))) from None
+        raise CorruptRecord("%s cannot be opened: %s"
+                            % (os.path.basename(path), os_reason(exc))) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -1126,7 +1127,8 @@ def read_regular_file(path, limit):
         if len(data) > limit:
             raise CorruptRecord("%s is larger than %d bytes" % (os.path.basename(path), limit))
     except OSError as exc:
-        raise CorruptRecord("%s cannot be read: %s" % (os.path.basename(path), os_reason(exc))) from None
+        raise CorruptRecord("%s cannot be read: %s"
+                            % (os.path.basename(path), os_reason(exc))) from None
     finally:
         os.close(fd)
     return data
