@@ -1111,27 +1111,30 @@ def read_regular_file(path, limit):
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(path) from None
     except OSError as exc:
-        raise CorruptRecord("%s cannot be opened: %s"
-                            % (os.path.basename(path), os_reason(exc))) from None
+        raise unreadable(path, "cannot be opened: " + os_reason(exc)) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CorruptRecord("%s is not a regular file" % os.path.basename(path))
+            raise unreadable(path, "is not a regular file")
         if info.st_size > limit:
-            raise CorruptRecord("%s is larger than %d bytes" % (os.path.basename(path), limit))
+            raise unreadable(path, "is larger than %d bytes" % limit)
         # Read what fstat says is there (plus one byte, to see it grew past
         # limit): a read of limit bytes would allocate a 1 MiB buffer each time.
         data = os.read(fd, info.st_size + 1)
         if info.st_size < len(data) <= limit:       # it grew since: read up to the bound
             data += os.read(fd, limit + 1 - len(data))
         if len(data) > limit:
-            raise CorruptRecord("%s is larger than %d bytes" % (os.path.basename(path), limit))
+            raise unreadable(path, "is larger than %d bytes" % limit)
     except OSError as exc:
-        raise CorruptRecord("%s cannot be read: %s"
-                            % (os.path.basename(path), os_reason(exc))) from None
+        raise unreadable(path, "cannot be read: " + os_reason(exc)) from None
     finally:
         os.close(fd)
     return data
+
+
+def unreadable(path, why):
+    """The CorruptRecord for the file at path (named by its last part)."""
+    return CorruptRecord("%s %s" % (os.path.basename(path), why))
 
 
 def os_reason(exc):
@@ -1159,13 +1162,10 @@ class TaskStore:
 
     A new task is built in <dir>/.tmp, its task.json fsynced, renamed into
     place and made durable by one fsync of <dir>; the rename fails when the
-    task exists, which is the duplicate signal. <dir>/.index holds an empty
-    file per task that is not done (pending.<taskId>, failed.<taskId>,
-    hook.<taskId>), so start-up, the rescan, the counts and status list only
-    that folder, never the years of finished tasks beside it. A mark is made
-    before the record write that needs it and removed after the one that
-    ends it, so a crash leaves at most a stale mark, which the record it
-    points to corrects: the record is the truth, the index a hint. Lock
+    task exists, which is the duplicate signal. The TaskIndex in <dir>/.index
+    lists the tasks not done, so start-up, the rescan, the counts and status
+    never list the years of finished tasks in <dir>; a crash leaves at most a
+    stale mark, which the record it points to corrects. Lock
     files under <dir>/.locks serialise record updates (<taskId>) and keep a
     task's downloads in one process (<taskId>.images): serve, fetch and
     retry may share a folder. A task's record is written once for all its
@@ -1179,9 +1179,9 @@ class TaskStore:
     def __init__(self, root, hooks=False):
         self.root, self.hooks = os.path.abspath(root), hooks
         self.locks = os.path.join(self.root, LOCKS_DIR)
-        self.index = os.path.join(self.root, INDEX_DIR)
+        self.index = TaskIndex(os.path.join(self.root, INDEX_DIR))
         self.tmp = os.path.join(self.root, TEMP_DIR)
-        self._sync_root, self._sync_index = SharedSync(self.root), SharedSync(self.index)
+        self._sync_root = SharedSync(self.root)
         self._pid = os.getpid()
         self._serial = itertools.count()        # unique temp names without getrandom()
         self._corrupt = {}                      # taskId -> why, for tasks found corrupt
@@ -1191,7 +1191,7 @@ class TaskStore:
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
         os.makedirs(self.root, exist_ok=True)
-        for folder in (self.locks, self.index, self.tmp):
+        for folder in (self.locks, self.index.path, self.tmp):
             own_folder(folder)
         self.probe()
 
@@ -1248,26 +1248,13 @@ class TaskStore:
         with self._corrupt_lock:
             self._corrupt.pop(task_id, None)
 
-    def marked(self, mark=PENDING_MARK):
-        """The taskIds with that mark in the index (a listing of .index only)."""
-        prefix = mark + "."
-        return sorted(n[len(prefix):] for n in os.listdir(self.index) if n.startswith(prefix)
-                      and TASK_ID_RE.fullmatch(n[len(prefix):]))
-
     def has_tasks(self):
         """Whether <dir> holds any task: the listing stops at the first one."""
         with os.scandir(self.root) as entries:
             return any(TASK_ID_RE.fullmatch(entry.name) for entry in entries)
 
-    def indexed(self):
-        """Whether the index holds every task not done (1.2's layout taken over)."""
-        return os.path.exists(os.path.join(self.index, MIGRATED))
-
     def pending_count(self):
-        try:
-            return len(self.marked())
-        except OSError:
-            return 0
+        return self.index.count(PENDING_MARK)
 
     def records(self):
         """Every task's record; a corrupt one as {taskId, status: corrupt, error}.
@@ -1286,12 +1273,12 @@ class TaskStore:
         failed, corrupt, or a hook not done), from the index alone: its cost
         does not grow with the done tasks. Before the index exists (a folder
         1.2 wrote, not yet started by serve) it falls back to records()."""
-        if not self.indexed():
+        if not self.index.migrated():
             return [r for r in self.records() if r["status"] != DONE
                     or hook_state(r) in (PENDING, FAILED)]
         found = []
-        for task_id in sorted(set(self.marked()) | set(self.marked(FAILED_MARK))
-                              | set(self.marked(HOOK_MARK))):
+        for task_id in sorted(set(self.index.marked()) | set(self.index.marked(FAILED_MARK))
+                              | set(self.index.marked(HOOK_MARK))):
             record = self._record_or_corrupt(task_id)
             if record is not None and (record["status"] != DONE
                                        or hook_state(record) in (PENDING, FAILED)):
@@ -1399,8 +1386,8 @@ class TaskStore:
             if os.path.lexists(path):
                 return False
             raise
-        if self._mark_for(task_id, record):
-            self._sync_index.sync()
+        if self.index.mark_for(task_id, record):
+            self.index.sync()
         self._sync_root.sync()
         return True
 
@@ -1427,9 +1414,9 @@ class TaskStore:
             if changed is None:
                 # Another delivery may still be inside its fsync, or its fsync
                 # failed: make what we are about to report durable ourselves.
-                self._mark_for(task_id, record)         # a crash before they were made
+                self.index.mark_for(task_id, record)         # a crash before they were made
                 Platform.fsync_dir(self.task_dir(task_id))
-                self._sync_index.sync()
+                self.index.sync()
                 self._sync_root.sync()
                 return "duplicate", record
             self._write_marked(task_id, changed)
@@ -1567,14 +1554,14 @@ class TaskStore:
             record["hook"].update(fields)
             self._write(task_id, record)
             if record["hook"]["status"] == DONE:
-                self._unmark(task_id, HOOK_MARK)
+                self.index.unmark(task_id, HOOK_MARK)
             return record["hook"]
 
     def hook_work(self, known=()):
         """(hooks to run as [(taskId, due, endedAt, tries)] in unix times,
         taskIds whose hook failed), from the hook markers."""
         work, failed = [], set()
-        for task_id in self.marked(HOOK_MARK):
+        for task_id in self.index.marked(HOOK_MARK):
             record = None if task_id in known else self.read_or_none(task_id)
             state = hook_state(record) if record else None
             if state == PENDING:
@@ -1584,7 +1571,7 @@ class TaskStore:
             elif state == FAILED:
                 failed.add(task_id)
             elif record is not None:            # done, or reopened since
-                self._unmark(task_id, HOOK_MARK)
+                self.index.unmark(task_id, HOOK_MARK)
         return work, failed
 
     # -- start-up --------------------------------------------------------------
@@ -1598,9 +1585,9 @@ class TaskStore:
             self._never_fatal(name, remove_entry, os.path.join(self.tmp, name))
         for name in os.listdir(self.locks):
             self._never_fatal(name, self._remove_stale_lock, name)
-        if not self.indexed():
+        if not self.index.migrated():
             self._migrate()
-        for task_id in self.marked():
+        for task_id in self.index.marked():
             self._never_fatal(task_id, self._sweep_locked, task_id)
         return self.pending_work(expected=expected)
 
@@ -1627,7 +1614,7 @@ class TaskStore:
         of expected ones appended to expected; markers of tasks that ended
         are removed, those of corrupt tasks kept."""
         work = []
-        for task_id in self.marked():
+        for task_id in self.index.marked():
             if task_id in known:
                 continue
             try:
@@ -1636,7 +1623,7 @@ class TaskStore:
                 self.note_corrupt(task_id, exc)
                 continue
             if record is None or record["status"] not in UNFINISHED:
-                self._unmark(task_id, PENDING_MARK)
+                self.index.unmark(task_id, PENDING_MARK)
                 self._forget_corrupt(task_id)
             elif record["status"] == EXPECTED and expected is not None:
                 expected.append(record)
@@ -1681,28 +1668,28 @@ class TaskStore:
                 if adopted in missing_images(record):   # renamed since the last write
                     record["files"][adopted] = name
             ended = change(record)
-            marked = ended and self._mark_for(task_id, record)   # before the write
+            marked = ended and self.index.mark_for(task_id, record)   # before the write
             self._write(task_id, record)
             if ended:
                 if marked:
-                    self._sync_index.sync()         # durable before the pending mark goes
-                self._unmark(task_id, PENDING_MARK)
+                    self.index.sync()         # durable before the pending mark goes
+                self.index.unmark(task_id, PENDING_MARK)
             return ended
 
     def _write_marked(self, task_id, record):
         """_write() a record that a callback, retry or recovery changed. The
         pending mark comes first, so a crash mid-write leaves a task that
         start-up sweeps; the marks the new record does not need go after."""
-        self._mark(task_id, PENDING_MARK)
-        self._mark_for(task_id, record)
+        self.index.mark(task_id, PENDING_MARK)
+        self.index.mark_for(task_id, record)
         self._write(task_id, record)
         if record["status"] not in UNFINISHED:
-            self._unmark(task_id, PENDING_MARK)
+            self.index.unmark(task_id, PENDING_MARK)
         if record["status"] != FAILED:
-            self._unmark(task_id, FAILED_MARK)
+            self.index.unmark(task_id, FAILED_MARK)
         if hook_state(record) is None:          # reopened: its old hand-off is moot
-            self._unmark(task_id, HOOK_MARK)
-        self._sync_index.sync()
+            self.index.unmark(task_id, HOOK_MARK)
+        self.index.sync()
 
     def _locked(self, task_id):
         return LockFile(self._lock_path(task_id))
@@ -1750,25 +1737,6 @@ class TaskStore:
             raise
         Platform.fsync_dir(path)
 
-    def _mark(self, task_id, mark):
-        """The caller fsyncs .index, which makes the mark durable."""
-        os.close(Platform.open_here(os.path.join(self.index, "%s.%s" % (mark, task_id)),
-                                    os.O_WRONLY | os.O_CREAT))
-
-    def _unmark(self, task_id, mark):
-        with contextlib.suppress(FileNotFoundError):
-            remove_entry(os.path.join(self.index, "%s.%s" % (mark, task_id)))
-
-    def _mark_for(self, task_id, record):
-        """Make the marks record needs (the caller fsyncs .index); True when
-        it needs any."""
-        marks = [mark for mark, needed in (
-            (PENDING_MARK, record["status"] in UNFINISHED), (FAILED_MARK, record["status"] == FAILED),
-            (HOOK_MARK, hook_state(record) in (PENDING, FAILED))) if needed]
-        for mark in marks:
-            self._mark(task_id, mark)
-        return bool(marks)
-
     def _migrate(self):
         """Once: take over 1.2's markers in <dir> (and 1.0's .pending/ folder),
         remove its temp entries, and mark every failed task by reading each
@@ -1783,18 +1751,69 @@ class TaskStore:
         for name in names:
             prefix = next((p for p in LEGACY_PREFIXES if name.startswith(p)), None)
             if prefix and TASK_ID_RE.fullmatch(name[len(prefix):]):
-                self._mark(name[len(prefix):], LEGACY_PREFIXES[prefix])
+                self.index.mark(name[len(prefix):], LEGACY_PREFIXES[prefix])
             elif TASK_ID_RE.fullmatch(name):
                 record = self.read_or_none(name)
                 if record is not None:
-                    self._mark_for(name, record)
-        Platform.fsync_dir(self.index)
+                    self.index.mark_for(name, record)
+        self.index.sync()
         for name in names:
             if name.startswith(tuple(LEGACY_PREFIXES) + LEGACY_TEMP):
                 self._never_fatal(name, remove_entry, os.path.join(self.root, name))
         shutil.rmtree(legacy, ignore_errors=True)
-        write_durably(os.path.join(self.index, MIGRATED), b"")
-        Platform.fsync_dir(self.index)
+        write_durably(os.path.join(self.index.path, MIGRATED), b"")
+        self.index.sync()
+
+
+class TaskIndex:
+    """<dir>/.index: an empty file per task that is not done, named
+    <mark>.<taskId> (pending, failed, hook), so that what is unfinished is
+    listed without listing the years of finished tasks in <dir>. The record
+    is the truth and a mark a hint: a mark is made before the record write
+    that needs it (then sync()) and removed after the one that ends it."""
+
+    def __init__(self, path):
+        self.path = path
+        self._sync = SharedSync(path)
+
+    def marked(self, mark=PENDING_MARK):
+        """The taskIds with that mark (a listing of .index only)."""
+        prefix = mark + "."
+        return sorted(n[len(prefix):] for n in os.listdir(self.path) if n.startswith(prefix)
+                      and TASK_ID_RE.fullmatch(n[len(prefix):]))
+
+    def count(self, mark):
+        try:
+            return len(self.marked(mark))
+        except OSError:
+            return 0
+
+    def migrated(self):
+        """Whether the index holds every task not done (1.2's layout taken over)."""
+        return os.path.exists(os.path.join(self.path, MIGRATED))
+
+    def mark(self, task_id, mark):
+        """The caller syncs, which makes the mark durable."""
+        os.close(Platform.open_here(self._entry(task_id, mark), os.O_WRONLY | os.O_CREAT))
+
+    def unmark(self, task_id, mark):
+        with contextlib.suppress(FileNotFoundError):
+            remove_entry(self._entry(task_id, mark))
+
+    def mark_for(self, task_id, record):
+        """Make the marks record needs (the caller syncs); True when it needs any."""
+        marks = [mark for mark, needed in (
+            (PENDING_MARK, record["status"] in UNFINISHED), (FAILED_MARK, record["status"] == FAILED),
+            (HOOK_MARK, hook_state(record) in (PENDING, FAILED))) if needed]
+        for mark in marks:
+            self.mark(task_id, mark)
+        return bool(marks)
+
+    def sync(self):
+        self._sync.sync()
+
+    def _entry(self, task_id, mark):
+        return os.path.join(self.path, "%s.%s" % (mark, task_id))
 
 
 class SharedSync:
@@ -2127,12 +2146,11 @@ def hook_state(record):
 RECORD_FIELDS = {"taskId": str, "status": str, "code": int, "msg": str, "images": list,
                  "files": list, "receivedAt": str, "updatedAt": str}
 RECORD_TYPES = tuple(RECORD_FIELDS.values())
-PER_IMAGE_FIELDS = (("errors", None, str), ("tries", 0, int), ("lastError", None, str),
-                    ("nextTryAt", None, str))
-PER_IMAGE_KEYS = tuple(key for key, _, _ in PER_IMAGE_FIELDS)
 # The checks below compare sets and tuples of types (map and set run in C):
-# status --all checks every record, and a loop per field would double its cost.
-TEXT_OR_NONE, TEXT = {str, type(None)}, {str}
+# status --all checks every record, and a loop per value would double its cost.
+TEXT_OR_NONE, TEXT = frozenset((str, type(None))), frozenset((str,))
+PER_IMAGE_FIELDS = (("errors", None, TEXT_OR_NONE), ("tries", 0, frozenset((int,))),
+                    ("lastError", None, TEXT_OR_NONE), ("nextTryAt", None, TEXT_OR_NONE))
 
 
 def record_problem(record, task_id):
@@ -2182,26 +2200,13 @@ def image_lists_problem(record):
         return "has a wrong images or files list"
     if not TEXT_OR_NONE.issuperset(map(type, files)) or not FILE_ENTRIES.issuperset(files):
         return "names a file that is not a cover"
-    lists = list(map(record.get, PER_IMAGE_KEYS))
-    if list(map(type, lists)) != [list] * 4 or list(map(len, lists)) != [count] * 4:
-        lists = [upgraded_list(record, key, empty, count) for key, empty, _ in PER_IMAGE_FIELDS]
-    errors, tries, last_errors, next_tries = lists
-    if {int}.issuperset(map(type, tries)) \
-            and TEXT_OR_NONE.issuperset(map(type, errors + last_errors + next_tries)):
-        return None
-    for (key, empty, kind), values in zip(PER_IMAGE_FIELDS, lists):
-        if not ({kind, type(None)} if empty is None else {kind}).issuperset(map(type, values)):
+    for key, empty, allowed in PER_IMAGE_FIELDS:
+        values = record.get(key)
+        if type(values) is not list or len(values) != count:
+            record[key] = values = [empty] * count      # 1.0 wrote no retry fields
+        if not allowed.issuperset(map(type, values)):
             return "has a wrong %s list" % key
     return None
-
-
-def upgraded_list(record, key, empty, count):
-    """record[key], made a list of count empty values when it is not one
-    (1.0 wrote no retry fields)."""
-    values = record.get(key)
-    if type(values) is not list or len(values) != count:
-        record[key] = values = [empty] * count
-    return values
 
 
 def saved_covers(folder):

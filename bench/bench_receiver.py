@@ -93,19 +93,26 @@ def cdn_server(count, size, delay):
     return Server(Handler)
 
 
-class FakeCDN:
-    """cdn_server() run as its own process: the bench's senders and its
-    baseline loop share this process's GIL, and an image host starved by
-    them would slow the receiver's downloads, not the receiver."""
+class ServerProcess:
+    """A server of this file (main's --serve or --cdn) run as its own
+    process, like the receiver, so that none competes with the senders or
+    the loop baseline for this process's GIL (an image host starved by them
+    would slow the receiver's downloads, not the receiver)."""
 
-    def __init__(self, count, size, delay=0.0):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--cdn", str(count), str(size),
-                                      str(delay)], stdout=subprocess.PIPE, text=True)
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, __file__, *map(str, args)],
+                                     stdout=subprocess.PIPE, text=True)
         self.port = int(self.proc.stdout.readline())
+        self.url = "http://127.0.0.1:%d/suno-cover-callback" % self.port
 
-    def close(self):
+    def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+
+def fake_cdn(count, size, delay=0.0):
+    """cdn_server() in its own process."""
+    return ServerProcess("--cdn", count, size, delay)
 
 
 def durable_write(root, name, raw):
@@ -166,21 +173,6 @@ def baseline_receiver(role, parent):
         def log_message(self, *args):
             pass
     return Server(Handler)
-
-
-class Baseline:
-    """A baseline server from this file run as its own process, like the
-    receiver, so neither competes with the senders for this process's GIL."""
-
-    def __init__(self, role, work):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", role, "--work", work],
-                                     stdout=subprocess.PIPE, text=True)
-        self.port = int(self.proc.stdout.readline())
-        self.url = "http://127.0.0.1:%d/suno-cover-callback" % self.port
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 class LogPipe:
@@ -309,7 +301,7 @@ def wait_until(predicate, timeout=600):
 # ---------------------------------------------------------------------------
 
 def ack_latency(work, n, naive_n, delay):
-    cdn = FakeCDN(2, 200_000, delay)
+    cdn = fake_cdn(2, 200_000, delay)
     images = image_urls(cdn, 2)
     receiver = Receiver(os.path.join(work, "ack"))
     try:
@@ -317,12 +309,12 @@ def ack_latency(work, n, naive_n, delay):
         alone = send_all(receiver.url, [callback("one%d" % i, images) for i in range(n // 4)], 1)
     finally:
         receiver.stop()
-    naive = Baseline("naive", work)
+    naive = ServerProcess("--serve", "naive", "--work", work)
     try:
         theirs = send_all(naive.url, [callback("n%d" % i, images) for i in range(naive_n)], 8)
     finally:
         naive.stop()
-        cdn.close()
+        cdn.stop()
     rows = []
     for label, p in (("p50", 50), ("p99", 99), ("max", 100)):
         a, b = percentile(ours, p) * 1000, percentile(theirs, p) * 1000
@@ -415,7 +407,7 @@ def durable_rates(work, rounds, seconds):
         for peer in peers[n % len(peers):] + peers[:n % len(peers)]:
             folder = os.path.join(work, "rate-%s-%d" % (peer, n))
             server = {"receiver": lambda: Receiver(folder), "flask": lambda: FlaskPeer(folder),
-                      "durable": lambda: Baseline("durable", work)}[peer]()
+                      "durable": lambda: ServerProcess("--serve", "durable", "--work", work)}[peer]()
             try:
                 results[peer].append(wrk_rate(server, seconds, script))
             finally:
@@ -466,7 +458,7 @@ def loop_rate(folder, urls, size):
 
 def throughput(work, label, count, size, target, workers=4):
     """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
-    cdn = FakeCDN(count, size)
+    cdn = fake_cdn(count, size)
     urls = image_urls(cdn, count)
     try:
         base = loop_rate(os.path.join(work, label + "-baseline"), urls, size)
@@ -482,7 +474,7 @@ def throughput(work, label, count, size, target, workers=4):
         finally:
             receiver.stop()
     finally:
-        cdn.close()
+        cdn.stop()
     return [("download MB/s, %d x %s, --workers %d" % (count, human(size), workers), ours, base,
              ours / base, ">= %gx" % target, lambda o, r: r >= target),
             ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), rss, None, None, "<= 40 MB",
@@ -493,7 +485,7 @@ def catch_up(work, tasks, size, workers=4):
     """The restart after an outage: `tasks` pending tasks of 2 images already
     in --dir (the receiver's own records and pending marks), timed from the
     receiver's start until none is pending, against the loop on the same images."""
-    cdn = FakeCDN(tasks * 2, size)
+    cdn = fake_cdn(tasks * 2, size)
     urls = image_urls(cdn, tasks * 2)
     try:
         base = loop_rate(os.path.join(work, "catchup-baseline"), urls, size)
@@ -506,7 +498,7 @@ def catch_up(work, tasks, size, workers=4):
         finally:
             receiver.stop()
     finally:
-        cdn.close()
+        cdn.stop()
     return [("catch-up MB/s, %d pending tasks x 2 x %s" % (tasks, human(size)), ours, base,
              ours / base, ">= 0.95x", lambda o, r: r >= 0.95)]
 
@@ -666,7 +658,7 @@ def idle_cpu(receiver, seconds):
 def history(work, finished, callbacks, idle_seconds):
     """The same figures on an empty --dir and on one holding `finished` done
     tasks: what history costs (issue: cost does not grow with history)."""
-    cdn = FakeCDN(1, 20_000)
+    cdn = fake_cdn(1, 20_000)
     try:
         own_layout(os.path.join(work, "hist-empty"))
         empty = history_figures(os.path.join(work, "hist-empty"), callbacks, cdn.port,
@@ -681,7 +673,7 @@ def history(work, finished, callbacks, idle_seconds):
             everys.append(run_status(folder, "--all"))
         every, loop = min(everys), min(loops)
     finally:
-        cdn.close()
+        cdn.stop()
     label = "%d done" % finished
     return [
         ("start to /healthz 200, %s vs empty (s)" % label, full["start"], empty["start"],
@@ -713,7 +705,7 @@ def main(argv=None):
     parser.add_argument("--cdn", nargs=3, type=float, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve or args.cdn:          # a Baseline or FakeCDN subprocess
+    if args.serve or args.cdn:          # a ServerProcess
         server = (baseline_receiver(args.serve, args.work) if args.serve
                   else cdn_server(int(args.cdn[0]), int(args.cdn[1]), args.cdn[2]))
         print(server.port, flush=True)
