@@ -50,7 +50,7 @@ task); 2 bad usage or cannot start; 3 fetch: a task is still generating when
 --wait ran out.
 """
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 
 import argparse
 import base64
@@ -90,6 +90,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
+import zlib
 
 WINDOWS = os.name == "nt"       # the places that ask; see the Platform section
 LINUX = sys.platform.startswith("linux")
@@ -118,7 +119,8 @@ HOOK_OUTPUT_BYTES = 8192        # a hook's output kept for the log; the rest is 
 HOOK_OUTPUT_LINES = 20
 HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
 PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
-IMAGES_LOCK = "images"          # .locks/<taskId>.images: held while its images download
+LOCK_BUCKETS = 64               # lock files per kind in .locks (TaskLocks)
+LOCK_KINDS = ("record", "images")   # .locks/record-<n>: record updates; images-<n>: downloads
 CLAIM_POLL = 0.2                # seconds between tries for downloads another process holds
 REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
 RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
@@ -131,7 +133,7 @@ TEMP_DIR = ".tmp"               # <dir>/.tmp: task folders being built, disk pro
 NEW_PREFIX = "new."             # <dir>/.tmp/new.<taskId>.<pid>.<n>: a task folder being built
 LEGACY_PREFIXES = {".pending.": PENDING_MARK, ".hook.": HOOK_MARK}   # 1.2's markers in <dir>
 LEGACY_TEMP = (".new.", ".probe.")                                   # 1.2's temp entries in <dir>
-LOCKS_DIR = ".locks"            # <dir>/.locks/<taskId>[.images]: lock files, present while held
+LOCKS_DIR = ".locks"            # <dir>/.locks/<kind>-<n>: lock files, made once (TaskLocks)
 LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
 REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
 SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
@@ -990,24 +992,13 @@ class Platform:
             time.sleep(0.005)           # Windows only: LK_LOCK would give up after 10 s
 
     @staticmethod
-    def unlock_and_remove(fd, path):
-        """Release a lock file and delete it. POSIX deletes it while still held:
-        a waiter then wakes on a deleted file, which LockFile notices. Windows
-        cannot delete an open file, so it unlocks first and leaves the file to
-        whoever opened it meanwhile."""
+    def unlock(fd):
+        """Release a lock file (closing it is enough but on Windows, which
+        wants the region unlocked first)."""
         if WINDOWS:
             with contextlib.suppress(OSError):
                 msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:             # gone already, or <dir> was taken away under us
-                pass
-            finally:
-                os.close(fd)
+        os.close(fd)
 
     @staticmethod
     def fsync_dir(path):
@@ -1165,10 +1156,10 @@ class TaskStore:
     task exists, which is the duplicate signal. The TaskIndex in <dir>/.index
     lists the tasks not done, so start-up, the rescan, the counts and status
     never list the years of finished tasks in <dir>; a crash leaves at most a
-    stale mark, which the record it points to corrects. Lock
-    files under <dir>/.locks serialise record updates (<taskId>) and keep a
-    task's downloads in one process (<taskId>.images): serve, fetch and
-    retry may share a folder. A task's record is written once for all its
+    stale mark, which the record it points to corrects. Locks
+    on the files in <dir>/.locks (TaskLocks) serialise a task's record
+    updates and keep its downloads in one process: serve, fetch and retry
+    may share a folder. A task's record is written once for all its
     covers (end_if_saved), as a cover under its final name is adopted.
 
     Nothing on disk is trusted: every record is read through read(), which
@@ -1186,7 +1177,8 @@ class TaskStore:
         self._serial = itertools.count()        # unique temp names without getrandom()
         self._corrupt = {}                      # taskId -> why, for tasks found corrupt
         self._corrupt_lock = threading.Lock()
-        self._claims = DownloadClaims()
+        self._record_locks = TaskLocks(self.locks, LOCK_KINDS[0])
+        self._image_locks = TaskLocks(self.locks, LOCK_KINDS[1])
 
     def prepare(self):
         """Create the folder and prove it is writable (raises OSError)."""
@@ -1459,7 +1451,11 @@ class TaskStore:
     def claim(self, task_id, index, abort):
         """Hold image index of task_id for one downloader. Yields a Job, or
         None when there is nothing left to do for it."""
-        with self._claims.hold(task_id, self._lock_path(task_id, IMAGES_LOCK), abort):
+        self.task_dir(task_id)                  # validates task_id
+        while not self._image_locks.acquire(task_id, shared=True, wait=False):
+            if abort.wait(CLAIM_POLL):          # another process has it: wait for it
+                raise Aborted("stopping")
+        try:
             record = self.read_or_none(task_id)
             if record is None or index not in missing_images(record):
                 yield None
@@ -1467,6 +1463,8 @@ class TaskStore:
             yield Job(record["images"][index], record["tries"][index],
                       parse_utc(record["nextTryAt"][index]) or 0.0,
                       saved_covers(self.task_dir(task_id)).get(index))
+        finally:
+            self._image_locks.release(task_id)
 
     def save_cover(self, task_id, index, write):
         """Run write(file) into a hidden temp file, then fsync and rename it to
@@ -1592,9 +1590,14 @@ class TaskStore:
         return self.pending_work(expected=expected)
 
     def _remove_stale_lock(self, name):
+        """A lock file of 1.3 or older (one per task, present while held)
+        that no process holds."""
+        if name == SERVE_LOCK or TaskLocks.owns(name):
+            return
         lock = LockFile(os.path.join(self.locks, name))
         if lock.acquire(wait=False):
             lock.release()
+            remove_entry(lock.path)
 
     def _sweep_locked(self, task_id):
         with self._locked(task_id):
@@ -1692,11 +1695,8 @@ class TaskStore:
         self.index.sync()
 
     def _locked(self, task_id):
-        return LockFile(self._lock_path(task_id))
-
-    def _lock_path(self, task_id, suffix=None):
         self.task_dir(task_id)                  # validates task_id
-        return os.path.join(self.locks, task_id + ("" if suffix is None else "." + suffix))
+        return self._record_locks.held(task_id)
 
     def _temp_name(self, folder, prefix):
         return os.path.join(folder, "%s.%d.%d" % (prefix, self._pid, next(self._serial)))
@@ -1712,11 +1712,10 @@ class TaskStore:
                 remove_entry(entry.path)
             elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
                 parts.append(entry.path)
-        claim = LockFile(self._lock_path(task_id, IMAGES_LOCK))
-        if parts and claim.acquire(wait=False):     # else a live downloader owns them
-            for part in parts:
+        if parts and self._image_locks.acquire(task_id, wait=False):   # else a live
+            for part in parts:                                          # downloader owns them
                 self._remove_part(part)
-            claim.release()
+            self._image_locks.release(task_id)
 
     @staticmethod
     def _remove_part(part):
@@ -1864,30 +1863,30 @@ class SharedSync:
 
 
 class LockFile:
-    """An exclusive lock shared by threads and processes: a file under
-    <dir>/.locks that exists only while it is held."""
+    """An exclusive lock shared by threads and processes, on a file that
+    stays. flock and msvcrt.locking locks belong to one open file, so two
+    threads exclude each other as two processes do, and the OS drops the
+    lock with its process, also on kill -9."""
 
     def __init__(self, path):
         self.path, self.fd = path, None
 
     def acquire(self, wait=True):
-        while True:
-            fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if not Platform.lock(fd, wait):
-                    os.close(fd)
-                    return False
-                if self._still_at_path(fd):
-                    self.fd = fd
-                    return True
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)                # its holder removed it: lock the new one
+        fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            locked = Platform.lock(fd, wait)
+        except BaseException:
+            os.close(fd)
+            raise
+        if locked:
+            self.fd = fd
+        else:
+            os.close(fd)
+        return locked
 
     def release(self):
         fd, self.fd = self.fd, None
-        Platform.unlock_and_remove(fd, self.path)
+        Platform.unlock(fd)
 
     def __enter__(self):
         self.acquire()
@@ -1896,53 +1895,92 @@ class LockFile:
     def __exit__(self, *exc):
         self.release()
 
-    def _still_at_path(self, fd):
-        try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(fd)
-        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+class LockBucket:
+    """One of TaskLocks' lock files, locked while any thread of this process
+    holds a task that hashes to it."""
+
+    def __init__(self, path):
+        self.file, self.holders = LockFile(path), 0
+        self.turn = threading.Lock()    # one thread at a time locks the file
+
+    def join(self, wait):
+        with self.turn:
+            if not self.holders and not self.file.acquire(wait):
+                return False
+            self.holders += 1
+            return True
+
+    def leave(self):
+        with self.turn:
+            self.holders -= 1
+            if not self.holders:
+                self.file.release()
 
 
-class DownloadClaims:
-    """What keeps two processes (serve and a fetch) from downloading one
-    task's images at once: one lock file per task, held while any of this
-    process's downloaders works on the task and let go by the last of them.
-    Within a process the download schedule already runs each image once."""
+class TaskLocks:
+    """Locks by taskId for the processes sharing a <dir> (serve, fetch,
+    retry), on a fixed set of lock files made once and never deleted:
+    .locks/<kind>-<n>, n = crc32(taskId) mod LOCK_BUCKETS (hash() differs
+    between processes). A lock file made and deleted per task cost a
+    catch-up a tenth of its pace (bench/README.md). In this process each
+    taskId is held on its own, exclusively or shared, so threads on two
+    tasks never wait for each other; across processes a task's bucket is
+    what they take turns on. No thread waits for one of these locks while it
+    holds another of the same kind, so a shared bucket cannot deadlock."""
 
-    def __init__(self):
-        self._held = {}                 # taskId -> [LockFile, downloaders holding it]
-        self._lock = threading.Lock()
+    def __init__(self, folder, kind):
+        self._buckets = [LockBucket(os.path.join(folder, "%s-%d" % (kind, n)))
+                         for n in range(LOCK_BUCKETS)]
+        self._holders = {}              # taskId -> threads holding it here (-1: exclusive)
+        self._changed = threading.Condition()
+
+    @staticmethod
+    def owns(name):
+        """Whether name in .locks is one of the lock files of some TaskLocks."""
+        kind, _, n = name.partition("-")
+        return kind in LOCK_KINDS and n.isdigit() and int(n) < LOCK_BUCKETS
 
     @contextlib.contextmanager
-    def hold(self, task_id, path, abort):
-        while not self._join(task_id, path):    # another process has it: wait for it
-            if abort.wait(CLAIM_POLL):
-                raise Aborted("stopping")
+    def held(self, task_id):
+        self.acquire(task_id)
         try:
             yield
         finally:
-            self._leave(task_id)
+            self.release(task_id)
 
-    def _join(self, task_id, path):
-        with self._lock:
-            held = self._held.get(task_id)
-            if held is None:
-                lock = LockFile(path)
-                if not lock.acquire(wait=False):
-                    return False
-                held = self._held[task_id] = [lock, 0]
-            held[1] += 1
-            return True
+    def acquire(self, task_id, shared=False, wait=True):
+        """Hold task_id; False when wait is False and it is held elsewhere."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free(task_id, shared),
+                                          None if wait else 0):
+                return False
+            self._holders[task_id] = self._holders.get(task_id, 0) + 1 if shared else -1
+        joined = False
+        try:
+            joined = self._bucket(task_id).join(wait)
+        finally:
+            if not joined:
+                self._let_go(task_id)
+        return joined
 
-    def _leave(self, task_id):
-        with self._lock:
-            held = self._held[task_id]
-            held[1] -= 1
-            if not held[1]:
-                del self._held[task_id]
-                held[0].release()
+    def release(self, task_id):
+        self._bucket(task_id).leave()
+        self._let_go(task_id)
+
+    def _free(self, task_id, shared):
+        holders = self._holders.get(task_id, 0)
+        return holders == 0 or (shared and holders > 0)
+
+    def _bucket(self, task_id):
+        return self._buckets[zlib.crc32(task_id.encode()) % LOCK_BUCKETS]
+
+    def _let_go(self, task_id):
+        with self._changed:
+            holders = self._holders.pop(task_id)
+            if holders > 1:
+                self._holders[task_id] = holders - 1
+            self._changed.notify_all()
 
 
 def open_store(config):

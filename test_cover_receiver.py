@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -145,15 +146,16 @@ def visible_entries(folder):
 
 def leftovers(folder):
     """Every entry below folder, hidden ones included, but the store's own
-    folders (lock, request, index and temp folders) and the two files that
-    stay while it runs: serve's lock and the index's migration mark."""
+    folders (lock, request, index and temp folders) and the files that stay:
+    the lock files, and the index's migration mark."""
     own = {cr.LOCKS_DIR, cr.REQUESTS_DIR, cr.INDEX_DIR, cr.TEMP_DIR,
            "%s/%s" % (cr.LOCKS_DIR, cr.SERVE_LOCK), "%s/%s" % (cr.INDEX_DIR, cr.MIGRATED)}
     found = []
     for parent, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
-            if path not in own:
+            if path not in own and not (parent == os.path.join(folder, cr.LOCKS_DIR)
+                                        and cr.TaskLocks.owns(name)):
                 found.append(path)
     return sorted(found)
 
@@ -1722,6 +1724,84 @@ def test_concurrent_fsyncs_of_one_folder_are_shared_and_each_caller_gets_a_later
     assert len(calls) == 8 and len(runs) < 8
     for called, returned in calls:                  # a whole fsync between call and return
         assert any(called <= began and ended <= returned for began, ended in runs)
+
+
+def same_lock_file(task_id):
+    """Another taskId whose lock file is task_id's."""
+    def bucket(name):
+        return zlib.crc32(name.encode()) % cr.LOCK_BUCKETS
+    return next(name for name in ("t%d" % n for n in range(10000))
+                if bucket(name) == bucket(task_id) and name != task_id)
+
+
+def hold_in_another_process(folder, kind, task_id):
+    """A process holding task_id in TaskLocks(folder, kind) until its stdin closes."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import cover_receiver as cr; "
+            "locks = cr.TaskLocks(sys.argv[2], sys.argv[3]); locks.acquire(sys.argv[4]); "
+            "print('held', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(SCRIPT), str(folder),
+                              kind, task_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "held\n"
+    return child
+
+
+def test_a_task_lock_is_a_file_named_by_the_crc32_of_its_taskId_that_stays(tmp_path):
+    locks = cr.TaskLocks(str(tmp_path), "record")
+    with locks.held("abc"):
+        assert os.listdir(tmp_path) == ["record-2"]        # crc32(b"abc") = 0x352441c2
+        made = os.stat(tmp_path / "record-2").st_ino
+    with locks.held("abc"):
+        assert os.stat(tmp_path / "record-2").st_ino == made
+    assert os.listdir(tmp_path) == ["record-2"]
+
+
+def test_threads_wait_for_the_task_they_share_not_for_its_lock_file(tmp_path):
+    locks, other, got = cr.TaskLocks(str(tmp_path), "record"), same_lock_file("a"), {}
+
+    def try_both():
+        got["a"] = locks.acquire("a", wait=False)
+        got[other] = locks.acquire(other, wait=False)
+    with locks.held("a"):
+        thread = threading.Thread(target=try_both)
+        thread.start()
+        thread.join(WAIT)
+        assert got == {"a": False, other: True}
+        locks.release(other)
+
+
+def test_an_exclusive_try_fails_while_any_thread_holds_the_task_shared(tmp_path):
+    locks = cr.TaskLocks(str(tmp_path), "images")
+    assert locks.acquire("a", shared=True) and locks.acquire("a", shared=True)
+    assert not locks.acquire("a", wait=False)
+    locks.release("a")
+    assert not locks.acquire("a", wait=False)
+    locks.release("a")
+    assert locks.acquire("a", wait=False)
+
+
+def test_another_process_on_a_lock_file_keeps_out_each_task_of_it_until_it_lets_go(tmp_path):
+    locks, other = cr.TaskLocks(str(tmp_path), "images"), same_lock_file("a")
+    child = hold_in_another_process(tmp_path, "images", "a")
+    try:
+        assert not locks.acquire(other, shared=True, wait=False)
+    finally:
+        child.stdin.close()
+        assert child.wait(WAIT) == 0
+    assert locks.acquire(other, shared=True, wait=False)
+
+
+def test_a_blocked_acquire_goes_on_once_the_other_process_lets_go(tmp_path):
+    locks = cr.TaskLocks(str(tmp_path), "record")
+    child, let_go = hold_in_another_process(tmp_path, "record", "a"), threading.Event()
+
+    def release():
+        let_go.set()
+        child.stdin.close()
+    threading.Timer(0.2, release).start()       # while this thread waits in acquire
+    with locks.held(same_lock_file("a")):
+        assert let_go.is_set()
+    assert child.wait(WAIT) == 0
 
 
 def test_a_racing_delivery_answers_only_after_the_record_is_durable(start, fsync_faults):
@@ -3476,7 +3556,8 @@ def test_a_duplicate_of_a_done_task_is_answered_from_a_read_only_dir(start, cdn,
 
 
 # Where the store keeps files of its own, something else may have been put.
-PLANT_PLACES = {".locks/X": "before start", "X/.task.json.1.2": "before start",
+PLANT_PLACES = {".locks/X": "before start", ".locks/record-11": "before start",
+                ".locks/images-11": "before start",            # crc32(b"X") % 64 == 11 "X/.task.json.1.2": "before start",
                 "X/.cover_1.part": "before start", "X/cover_1.png": "before start",
                 ".index/pending.X": "running", ".index/failed.X": "running",
                 ".tmp": "before start"}
