@@ -460,25 +460,42 @@ def throughput(work, label, count, size, target, workers=4):
     """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
     cdn = fake_cdn(count, size)
     urls = image_urls(cdn, count)
-    try:
-        base = loop_rate(os.path.join(work, label + "-baseline"), urls, size)
-        receiver = Receiver(os.path.join(work, label), "--workers", str(workers))
+    rss = []
+
+    def receiver_rate(run):
+        receiver = Receiver(os.path.join(work, "%s-%d" % (label, run)), "--workers", str(workers))
         try:
+            wait_until(lambda: receiver.pending() == 0)
             started = time.perf_counter()
-            bodies = [callback("%s%04d" % (label, i // 2), urls[i:i + 2])
+            bodies = [callback("%s%d-%04d" % (label, run, i // 2), urls[i:i + 2])
                       for i in range(0, count, 2)]
             send_all(receiver.url, bodies, 8)
             wait_until(lambda: receiver.pending() == 0)
-            ours = count * size / 1e6 / (time.perf_counter() - started)
-            rss = receiver.peak_rss_mb()
+            rss.append(receiver.peak_rss_mb())
+            return count * size / 1e6 / (time.perf_counter() - started)
         finally:
             receiver.stop()
+    try:
+        ours, base = alternated(receiver_rate, lambda run: loop_rate(
+            os.path.join(work, "%s-baseline-%d" % (label, run)), urls, size))
     finally:
         cdn.stop()
     return [("download MB/s, %d x %s, --workers %d" % (count, human(size), workers), ours, base,
              ours / base, ">= %gx" % target, lambda o, r: r >= target),
-            ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), rss, None, None, "<= 40 MB",
-             lambda o, r: o <= 40)]
+            ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), max(rss), None, None,
+             "<= 40 MB", lambda o, r: o <= 40)]
+
+
+def alternated(ours, baseline, runs=2):
+    """The best rate of each side over `runs` turns each, taken in turn
+    (baseline first): this disk's cost of a new file depends on what was
+    deleted in the last half minute (bench/README.md), so one run of each
+    can land in different weather."""
+    mine, theirs = [], []
+    for run in range(runs):
+        theirs.append(baseline(run))
+        mine.append(ours(run))
+    return max(mine), max(theirs)
 
 
 def catch_up(work, tasks, size, workers=4):
@@ -487,16 +504,19 @@ def catch_up(work, tasks, size, workers=4):
     receiver's start until none is pending, against the loop on the same images."""
     cdn = fake_cdn(tasks * 2, size)
     urls = image_urls(cdn, tasks * 2)
-    try:
-        base = loop_rate(os.path.join(work, "catchup-baseline"), urls, size)
-        folder = build_pending(os.path.join(work, "catchup"), urls)
+
+    def receiver_rate(run):
+        folder = build_pending(os.path.join(work, "catchup-%d" % run), urls)
         started = time.perf_counter()
         receiver = Receiver(folder, "--workers", str(workers))
         try:
             wait_until(lambda: receiver.pending() == 0)
-            ours = len(urls) * size / 1e6 / (time.perf_counter() - started)
+            return len(urls) * size / 1e6 / (time.perf_counter() - started)
         finally:
             receiver.stop()
+    try:
+        ours, base = alternated(receiver_rate, lambda run: loop_rate(
+            os.path.join(work, "catchup-baseline-%d" % run), urls, size))
     finally:
         cdn.stop()
     return [("catch-up MB/s, %d pending tasks x 2 x %s" % (tasks, human(size)), ours, base,
