@@ -1576,7 +1576,7 @@ class TaskStore:
 
     def recover(self, expected=None):
         """Start-up sweep: remove what dead writers left (temp folders and
-        files, lock files), take over an older layout once, and return the
+        files, 1.3's lock files), take over an older layout once, and return the
         pending work as pending_jobs() gives it. It lists .tmp, .locks and
         .index, never <dir> itself (but for the one take-over)."""
         for name in os.listdir(self.tmp):
