@@ -1347,7 +1347,7 @@ class TaskStore:
 
     def note_poll(self, task_id, **fields):
         """Keep an expected task's record-info schedule in its task.json."""
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self.read_or_none(task_id)
             if record is None or record["status"] != EXPECTED:
                 return False
@@ -1357,7 +1357,7 @@ class TaskStore:
 
     def end_expected(self, task_id, reason):
         """An expected task that will get no images: failed, with its hand-off."""
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self.read_or_none(task_id)
             if record is None or record["status"] != EXPECTED:
                 return None
@@ -1398,7 +1398,7 @@ class TaskStore:
     def _accept_again(self, task_id, fresh):
         """A delivery for a task whose folder exists: fresh(record) is what
         to write, or None for a duplicate."""
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self._read_or_set_aside(task_id)
             if record is None:                  # a folder without a record: start it anew
                 self._sweep(task_id)
@@ -1437,7 +1437,7 @@ class TaskStore:
         """retry: make a failed task's failed images pending again. Returns
         (reopened, record); record None when there is no such task. Raises
         CorruptRecord."""
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self.read(task_id)
             if record is None or record["status"] != FAILED or not record["images"]:
                 return False, record
@@ -1451,7 +1451,6 @@ class TaskStore:
     def claim(self, task_id, index, abort):
         """Hold image index of task_id for one downloader. Yields a Job, or
         None when there is nothing left to do for it."""
-        self.task_dir(task_id)                  # validates task_id
         while not self._image_locks.acquire(task_id, shared=True, wait=False):
             if abort.wait(CLAIM_POLL):          # another process has it: wait for it
                 raise Aborted("stopping")
@@ -1545,7 +1544,7 @@ class TaskStore:
     def update_hook(self, task_id, **fields):
         """Record one hook run (or a retry --hook) in the task's record. Returns
         the new hook, or None when the task has no hook to run any more."""
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self.read_or_none(task_id)
             if record is None or not record.get("hook"):
                 return None
@@ -1600,7 +1599,7 @@ class TaskStore:
             remove_entry(lock.path)
 
     def _sweep_locked(self, task_id):
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             with contextlib.suppress(CorruptRecord):    # pending_work() notes it
                 self._sweep(task_id)
 
@@ -1661,7 +1660,7 @@ class TaskStore:
             return None
 
     def _update(self, task_id, index, change, saved=None):
-        with self._locked(task_id):
+        with self._record_locks.held(task_id):
             record = self.read_or_none(task_id)
             if record is None or record["status"] != PENDING or index >= len(record["files"]):
                 return None
@@ -1693,10 +1692,6 @@ class TaskStore:
         if hook_state(record) is None:          # reopened: its old hand-off is moot
             self.index.unmark(task_id, HOOK_MARK)
         self.index.sync()
-
-    def _locked(self, task_id):
-        self.task_dir(task_id)                  # validates task_id
-        return self._record_locks.held(task_id)
 
     def _temp_name(self, folder, prefix):
         return os.path.join(folder, "%s.%d.%d" % (prefix, self._pid, next(self._serial)))
@@ -1887,13 +1882,6 @@ class LockFile:
     def release(self):
         fd, self.fd = self.fd, None
         Platform.unlock(fd)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 class LockBucket:

@@ -458,11 +458,9 @@ def loop_rate(folder, urls, size):
 
 def throughput(work, label, count, size, target, workers=4):
     """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
-    cdn = fake_cdn(count, size)
-    urls = image_urls(cdn, count)
     rss = []
 
-    def receiver_rate(run):
+    def receiver_rate(run, urls):
         receiver = Receiver(os.path.join(work, "%s-%d" % (label, run)), "--workers", str(workers))
         try:
             wait_until(lambda: receiver.pending() == 0)
@@ -475,37 +473,18 @@ def throughput(work, label, count, size, target, workers=4):
             return count * size / 1e6 / (time.perf_counter() - started)
         finally:
             receiver.stop()
-    try:
-        ours, base = alternated(receiver_rate, lambda run: loop_rate(
-            os.path.join(work, "%s-baseline-%d" % (label, run)), urls, size))
-    finally:
-        cdn.stop()
+    ours, base = against_loop(work, label, count, size, receiver_rate)
     return [("download MB/s, %d x %s, --workers %d" % (count, human(size), workers), ours, base,
              ours / base, ">= %gx" % target, lambda o, r: r >= target),
             ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), max(rss), None, None,
              "<= 40 MB", lambda o, r: o <= 40)]
 
 
-def alternated(ours, baseline, runs=2):
-    """The best rate of each side over `runs` turns each, taken in turn
-    (baseline first): this disk's cost of a new file depends on what was
-    deleted in the last half minute (bench/README.md), so one run of each
-    can land in different weather."""
-    mine, theirs = [], []
-    for run in range(runs):
-        theirs.append(baseline(run))
-        mine.append(ours(run))
-    return max(mine), max(theirs)
-
-
 def catch_up(work, tasks, size, workers=4):
     """The restart after an outage: `tasks` pending tasks of 2 images already
     in --dir (the receiver's own records and pending marks), timed from the
     receiver's start until none is pending, against the loop on the same images."""
-    cdn = fake_cdn(tasks * 2, size)
-    urls = image_urls(cdn, tasks * 2)
-
-    def receiver_rate(run):
+    def receiver_rate(run, urls):
         folder = build_pending(os.path.join(work, "catchup-%d" % run), urls)
         started = time.perf_counter()
         receiver = Receiver(folder, "--workers", str(workers))
@@ -514,13 +493,28 @@ def catch_up(work, tasks, size, workers=4):
             return len(urls) * size / 1e6 / (time.perf_counter() - started)
         finally:
             receiver.stop()
-    try:
-        ours, base = alternated(receiver_rate, lambda run: loop_rate(
-            os.path.join(work, "catchup-baseline-%d" % run), urls, size))
-    finally:
-        cdn.stop()
+    ours, base = against_loop(work, "catchup", tasks * 2, size, receiver_rate)
     return [("catch-up MB/s, %d pending tasks x 2 x %s" % (tasks, human(size)), ours, base,
              ours / base, ">= 0.95x", lambda o, r: r >= 0.95)]
+
+
+def against_loop(work, label, count, size, receiver_rate, runs=2):
+    """(receiver, loop) MB/s on the same `count` images of `size` bytes from
+    the fake CDN: receiver_rate(run, urls) and loop_rate() take turns, the
+    loop first, `runs` times each, and the best of each side counts. This
+    disk's cost of a new file depends on what was deleted in the last half
+    minute (bench/README.md): one run of each can land in different weather."""
+    cdn = fake_cdn(count, size)
+    urls = image_urls(cdn, count)
+    ours, loop = [], []
+    try:
+        for run in range(runs):
+            loop.append(loop_rate(os.path.join(work, "%s-baseline-%d" % (label, run)), urls,
+                                  size))
+            ours.append(receiver_rate(run, urls))
+    finally:
+        cdn.stop()
+    return max(ours), max(loop)
 
 
 def build_pending(folder, urls):
