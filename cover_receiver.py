@@ -755,6 +755,9 @@ def build_config(argv, env):
         argv.insert(0, "serve")          # serve is the default subcommand
     args = build_parser().parse_args(argv)
     values = dict(option_values(args, env), command=args.command)
+    for name, _ in COMMAND_ARGUMENTS.get(args.command, ()):
+        if name.startswith("--"):                   # the command's own flags: --all, --hook
+            values[name[2:]] = getattr(args, name[2:])
     for extra in COMMAND_EXTRAS.get(args.command, ()):
         extra(args, values, env)
     return Config(**values)
@@ -813,14 +816,6 @@ def _task_ids(args, values, env):
     values["task_ids"] = tuple(t for t in ids if t is not None)
 
 
-def _retry_hook(args, values, env):
-    values["hook"] = args.hook
-
-
-def _status_views(args, values, env):
-    values["all"], values["json"] = args.all, args.json
-
-
 def _needs_callback_url(args, values, env):
     if not values.get("callback_url"):
         raise UsageError("generate needs --callback-url URL: where the API posts the callback")
@@ -828,7 +823,7 @@ def _needs_callback_url(args, values, env):
 
 COMMANDS = ("serve", "fetch", "retry", "status", "expect", "generate")
 COMMAND_EXTRAS = {"serve": (_serve_secrets, _api_key), "fetch": (_api_key, _task_ids),
-                  "retry": (_retry_hook, _task_ids), "status": (_task_ids, _status_views),
+                  "retry": (_task_ids,), "status": (_task_ids,),
                   "expect": (_task_ids,),
                   "generate": (_api_key, _task_ids, _needs_callback_url)}
 
