@@ -310,11 +310,15 @@ def escape(value, limit=200):
 
 
 def log_event(event, task=None, level=logging.INFO, **fields):
+    if not LOG.isEnabledFor(level):
+        return
     parts = [event]
     if task is not None:
         parts.append("task=" + escape(task))
     parts.extend("%s=%s" % (key, escape(val)) for key, val in fields.items())
-    LOG.log(level, " ".join(parts))
+    # The record made here, not by LOG.log(), which looks up the caller's
+    # file and line in the stack for every line: no format here prints them.
+    LOG.handle(LOG.makeRecord(LOG.name, level, "", 0, " ".join(parts), None, None))
 
 
 def log_crash(what, item):
