@@ -2609,7 +2609,7 @@ def test_a_failure_callback_whose_hook_marker_a_crash_lost_gets_it_from_the_retr
     (covers / "lost").mkdir()
     (covers / "lost" / "task.json").write_bytes(cr.encode_record(stored))   # no .hook.lost
     (covers / cr.INDEX_DIR).mkdir()
-    (covers / cr.INDEX_DIR / cr.MIGRATED).touch()  # 1.3's layout: no take-over marks it at start
+    (covers / cr.INDEX_DIR / cr.MIGRATED).touch()  # the index taken over: start-up marks nothing
     receiver = start("--on-complete", script)
     assert post(receiver.url, payload("lost", None, code=501, msg="no"))[1]["status"] == "duplicate"
     assert index_mark(covers, "hook", "lost").exists()
