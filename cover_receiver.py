@@ -4097,7 +4097,7 @@ class Receiver:
             log_event("resume", task_id, images=images)
         self.queue.put(work)
         self._take_hooks()
-        self.next_rescan = time.monotonic() + self.config.rescan_seconds   # recover() was one
+        self.next_rescan = time.monotonic() + self.config.rescan_seconds  # recover() was the first
         self._thread.start()
         self._log_listening(len(work))
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
