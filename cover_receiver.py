@@ -4119,7 +4119,8 @@ class Receiver:
     def stop(self):
         """Stop accepting, answer requests in flight, drain downloads."""
         deadline = time.monotonic() + self.config.drain_seconds
-        log_event("stopping", drain_seconds=self.config.drain_seconds)
+        log_event("stopping", drain_seconds=self.config.drain_seconds,
+                  note="a second stop signal exits at once")
         self.notifier.send("STOPPING=1")
         self.server.shutdown()
         self.server.server_close()
@@ -4413,15 +4414,15 @@ def run_serve(config, env):
     """Serve until SIGTERM or Ctrl+C; a second one while draining exits at
     once, leaving the unfinished work pending on disk as a kill would."""
     receiver = Receiver(config, env=env)
-    # The handler only appends to a list. A threading.Event would take a lock
-    # that the interrupted main thread may hold inside its own wait(): that
-    # deadlocked a SIGTERM about once in twenty under load.
+    # The handler writes nothing and takes no lock: the interrupted main thread
+    # may hold a lock itself (a threading.Event's, deadlocking a SIGTERM) or be
+    # inside a write to stderr, which a second write from the handler breaks
+    # ("reentrant call") or which a stalled journal or full pipe never ends.
     signals = []
 
     def on_signal(*_):
         if signals:
-            log_event("stopped-hard", level=logging.WARNING, pending=receiver.store.pending_count())
-            os._exit(0)
+            os._exit(0)         # the rest stays pending on disk, as after a kill
         signals.append(True)
     for signum in Platform.STOP_SIGNALS:
         signal.signal(signum, on_signal)
