@@ -25,8 +25,8 @@ and the flag wins.
 
 The route of a callback through the code:
 
-    socket -> CallbackServer (ConnectionSlots: no idle flood holds every slot)
-           -> CallbackHandler.dispatch (path, token, size, JSON)
+    socket -> Front (one selectors loop: TLS handshake, the whole request read)
+           -> CallbackHandler.dispatch (a handler thread: path, token, size, JSON)
            -> Receiver.handle_callback (signature, Callback.from_json)
            -> TaskStore.accept (task.json durable: then the 200)
            -> DownloadQueue (DueHeap: each image when due) -> Fetcher (DownloadPolicy.vet)
@@ -55,6 +55,7 @@ __version__ = "1.4.0"
 import argparse
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -76,12 +77,11 @@ import os
 import queue
 import random
 import re
-import select
+import selectors
 import shlex
 import shutil
 import signal
 import socket
-import socketserver
 import ssl
 import stat
 import subprocess
@@ -98,6 +98,7 @@ if WINDOWS:
     import msvcrt
 else:
     import fcntl
+    import resource
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -139,7 +140,14 @@ REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry ha
 SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
 REQUEST_KINDS = ("images", "hook", "expect")   # expect.<taskId> holds the parent taskId
 EXPECT_HANDOFF_WAIT = 10.0      # expect/generate: seconds to wait for the running serve to record
-MAX_LINGERING = 256             # refused connections drained at once; more are closed
+HEAD_LIMIT = 65536              # a request's line and header fields together
+HEAD_END = re.compile(rb"\r?\n\r?\n")  # the empty line that ends a head (RFC 9112 2.1)
+BUFFERED_BODIES = 64 * 1024 * 1024  # request bodies held at once (at least one --max-body-bytes)
+LINGER_SECONDS = 2.0            # after an answer, unread request bytes are drained this long
+HANDLER_THREADS = 16            # requests answered at once (each whole in memory)
+DESCRIPTOR_RESERVE = 128        # descriptors kept from connections: downloads, files, hooks
+# RFC 7239 4: the for= parameter of each Forwarded element (a token or a quoted string).
+FORWARDED_FOR = re.compile(r'(?:^|[;,])\s*for\s*=\s*("[^"]*"|[^;,\s]*)', re.IGNORECASE)
 PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
 EXPECTED = "expected"           # recorded by expect/generate (or --confirm): no images yet
@@ -481,6 +489,13 @@ def _api_base(text):
     return text.rstrip("/")
 
 
+def _network(text):
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("%s is not an address or CIDR network" % escape(text, 60)) from None
+
+
 def _boolean(text):
     word = text.strip().lower()
     if word in ("1", "yes", "true", "on"):
@@ -568,9 +583,14 @@ OPTIONS = (
            "after its task ended", ("serve", "retry"), metavar="SECONDS"),
     Option("drain-seconds", "10", _seconds(0), "on SIGTERM, time running downloads may finish",
            metavar="SECONDS"),
-    Option("max-connections", "64", _int_range(1, 10000), "connections served at once"),
-    Option("request-timeout", "10", _seconds(0.1, 3600), "seconds a client has to send its request",
-           metavar="SECONDS"),
+    Option("max-connections", "1000", _int_range(1, 100000), "connections held at once, "
+           "bounded by the descriptor limit; at the cap the client holding the most gives up "
+           "its oldest whose request is not whole"),
+    Option("request-timeout", "10", _seconds(0.1, 3600), "seconds from a connection's first "
+           "byte (or its accept) to its whole request; then 408", metavar="SECONDS"),
+    Option("trusted-proxy", None, _network, "a reverse proxy (address or CIDR) whose "
+           "X-Forwarded-For or Forwarded names the client; repeatable", repeat=True,
+           metavar="ADDR"),
     Option("api-base", "https://api.sunoapi.org", _api_base,
            "the vendor API (kie.ai: https://api.kie.ai); serve uses it only with an API key",
            API, metavar="URL"),
@@ -621,6 +641,7 @@ class Config:
     drain_seconds: float = None
     max_connections: int = None
     request_timeout: float = None
+    trusted_proxy: tuple = ()
     api_base: str = None
     recover_after: float = None
     interval: float = None
@@ -966,10 +987,6 @@ class Platform:
     # What an open meets where something else was planted: a link (ELOOP, or
     # EMLINK on FreeBSD), a folder, a FIFO or socket, or a stale file (O_EXCL).
     PLANTED_ERRNOS = (errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO, errno.EEXIST)
-    # POSIX wakes a thread blocked on a socket that another thread shuts down, so
-    # a request deadline needs no socket timeout (which costs a poll per read);
-    # Windows under Wine does not, so there each socket gets the timeout too.
-    SOCKET_TIMEOUTS = WINDOWS
 
     @classmethod
     def lock(cls, fd, wait):
@@ -1022,6 +1039,25 @@ class Platform:
             except PermissionError:
                 time.sleep(0.005)
         return action(*args)
+
+    @staticmethod
+    def socket_budget():
+        """How many connections one selector may hold. POSIX: the soft
+        descriptor limit, raised to the hard one first (a flood of idle
+        connections must find descriptors), less DESCRIPTOR_RESERVE. Windows:
+        select() takes at most 512 sockets (FD_SETSIZE)."""
+        if WINDOWS:
+            return 500
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for want in (hard, 10240):      # macOS refuses an unlimited soft limit
+            if soft != resource.RLIM_INFINITY and (soft < want or want == hard):
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                    soft = want
+                    break
+                except (OSError, ValueError):
+                    continue
+        return max(1, min(soft, 1 << 20) - DESCRIPTOR_RESERVE)
 
     @staticmethod
     def interrupt(sock):
@@ -3527,341 +3563,426 @@ class Poller:
 
 
 # ---------------------------------------------------------------------------
-# HTTP: the server, its connections and the handler
+# Front: one loop owns every connection until its request is whole
 # ---------------------------------------------------------------------------
 
-class CallbackServer(http.server.HTTPServer):
-    """HTTP(S) server: connections served by a pool of at most
-    --max-connections threads (ConnectionSlots decides who gets one, Refusals
-    answers the rest), and a whole-request deadline enforced by one reaper
-    thread, so a client dripping bytes (slowloris) cannot hold a thread."""
+class Connection:
+    """A client's connection, held by the front loop. Its steps: first (TLS:
+    the first byte tells a handshake from plain HTTP), handshake, head, body,
+    then handed to a handler thread, then send and linger."""
 
-    allow_reuse_address = True
-    request_queue_size = 128
+    def __init__(self, sock, peer, now, timeout, step):
+        self.sock, self.peer, self.client, self.step = sock, peer, peer, step
+        self.data = bytearray()
+        self.since = now                # accepted: eviction's age
+        self.deadline = now + timeout   # then its first byte + timeout (--request-timeout)
+        self.scanned = 0                # bytes searched for the end of the head
+        self.length = None              # the whole request's length, once its head is in
+        self.reserved = 0               # body bytes counted against the front's buffer cap
+        self.answer = b""
+
+
+class Front:
+    """The one thread that touches the server's sockets (selectors): it
+    accepts, does the TLS handshake, reads each request whole (a head within
+    HEAD_LIMIT, a body within --max-body-bytes), hands the bytes to a handler
+    thread, and sends back the answer the handler made. So a socket and its
+    TLS object are only ever used by this thread, and a slow client costs a
+    descriptor and a bounded buffer, never a thread."""
 
     def __init__(self, config, receiver, listen_socket=None):
-        self.receiver = receiver
-        self.request_timeout = config.request_timeout
-        self.slots = ConnectionSlots(config.max_connections)
-        self.refusals = Refusals()
-        self.pool = ConnectionPool(config.max_connections, self._serve_connection)
-        self.deadlines = {}                       # socket -> monotonic deadline
-        self.deadlines_lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.helpers = []              # server_close() runs even when binding fails
-        self.tls = None
-        if config.tls_cert:
-            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2     # 3.9's default allows 1.0
-            self.tls.load_cert_chain(config.tls_cert, config.tls_key)
-        if listen_socket is not None:
-            self.address_family = listen_socket.family
-            super().__init__(listen_socket.getsockname(), CallbackHandler,
-                             bind_and_activate=False)
-            self.socket.close()
-            self.socket, self.server_address = listen_socket, listen_socket.getsockname()
-        else:
-            info = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
-                                      flags=socket.AI_PASSIVE)[0]
-            self.address_family = info[0]
-            super().__init__(info[4], CallbackHandler)
-        self.helpers = [threading.Thread(target=self._housekeep, name="http-deadlines",
-                                         daemon=True)]
-        for thread in self.helpers:
-            thread.start()
+        self.config, self.receiver = config, receiver
+        self.tls = self.load_tls() if config.tls_cert else None
+        if listen_socket is None:
+            family, _, _, _, address = socket.getaddrinfo(
+                config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            listen_socket = socket.create_server(address, family=family, backlog=128,
+                                                 dualstack_ipv6=family == socket.AF_INET6
+                                                 and socket.has_dualstack_ipv6())
+        self.listener = listen_socket
+        self.listener.setblocking(False)
+        self.address = listen_socket.getsockname()
+        self.capacity = min(config.max_connections, Platform.socket_budget())
+        self.body_cap = max(BUFFERED_BODIES, config.max_body_bytes)
+        self.buffered = self.in_flight = 0
+        self.conns, self.waiting = {}, {}   # every connection; those not yet whole, per client
+        self.answers = collections.deque()  # (connection, answer) from the handler threads
+        self.wake_in, self.wake_out = socket.socketpair()
+        self.wake_in.setblocking(False)
+        self.wake_out.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_in, selectors.EVENT_READ, "wake")
+        self.handlers = concurrent.futures.ThreadPoolExecutor(HANDLER_THREADS, "http-handler")
+        self.thread = threading.Thread(target=self.serve, name="http", daemon=True)
+        self.stopping = None            # monotonic deadline for answers in flight, once stopping
 
-    def server_bind(self):
-        # HTTPServer.server_bind would call getfqdn(): a DNS query that can hang
-        # start-up on a host without DNS.
-        socketserver.TCPServer.server_bind(self)
+    def load_tls(self):
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2    # 3.9's default allows 1.0
+        tls.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return tls
 
-    def get_request(self):
-        sock, address = self.socket.accept()
-        # A Unix socket (socket activation on a path) gives no client address.
-        return sock, address if isinstance(address, tuple) else ("local", 0)
-
-    def process_request(self, request, client_address):
-        admitted, cut = self.slots.admit(request, client_address[0])
-        if cut is not None:
-            self._cut(*cut)
-        if admitted:
-            self.pool.submit(request, client_address)
-        else:
-            self.receiver.metrics.inc("callbacks_total", "unavailable")
-            self.receiver.rejections.note(503, client_address[0], "max-connections")
-            self.refusals.add(request, TOO_MANY, self.tls)
-
-    def _cut(self, sock, idle):
-        """A connection yields its slot: an idle one gets a 503 where one can
-        be said without a handshake (plain HTTP); then a shutdown wakes the
-        thread serving it, which closes it. (The plain socket call: an
-        SSLSocket's own shutdown() is not safe while its thread reads.)"""
-        self.receiver.metrics.inc("connections_cut_total")
-        if idle and self.tls is None:
-            with contextlib.suppress(OSError):
-                sock.send(TOO_MANY)
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        if idle:
-            Platform.interrupt(sock)    # Windows wakes a blocked read only by a close
-
-    def _serve_connection(self, request, client_address):
-        handed_off = False
+    def reload_tls(self):
+        """SIGHUP: new connections get the renewed certificate; a pair that
+        does not load leaves the one in use."""
         try:
-            handed_off = self.finish_request(request, client_address)
-        except Exception:               # thread boundary: socketserver logs it
-            self.handle_error(request, client_address)
-        finally:
-            self.slots.release(request)     # before the close: a cut must find it open
-            if not handed_off:
-                self.shutdown_request(request)
+            self.tls = self.load_tls()
+            log_event("tls-reloaded", cert=self.config.tls_cert)
+        except (OSError, ssl.SSLError) as exc:
+            log_event("tls-reload-failed", level=logging.ERROR, cert=self.config.tls_cert,
+                      reason=exc, note="the certificate in use is kept")
 
-    def finish_request(self, request, client_address):
-        """Wait for the first byte (an idle connection may be cut meanwhile),
-        then serve the request. True when the connection went to Refusals."""
-        conn = request
-        with self.deadlines_lock:
-            self.deadlines[request] = time.monotonic() + self.request_timeout
-        try:
-            if Platform.SOCKET_TIMEOUTS:
-                request.settimeout(self.request_timeout)
-            first = request.recv(1, socket.MSG_PEEK)
-            if not first or not self.slots.activate(request):
-                return False            # gone, cut, or past its deadline before a byte
-            if self.tls is not None:
-                if first != b"\x16":    # not a TLS handshake record (RFC 8446 5.1)
-                    self.refusals.add(request, PLAIN_ON_TLS)
-                    return True
-                conn = self.tls.wrap_socket(request, server_side=True,
-                                            do_handshake_on_connect=False)
-                self.slots.rekey(request, conn)
-                with self.deadlines_lock:    # the raw socket is detached now: watch conn
-                    self.deadlines[conn] = self.deadlines.pop(request)
-                conn.do_handshake()
-            self.RequestHandlerClass(conn, client_address, self)
-        except OSError as exc:          # TLS handshake failure, client gone or cut off
-            log_event("http-connection", client=client_address[0], reason=exc)
-        finally:
-            with self.deadlines_lock:   # before close: the fd must not be reused while listed
-                self.deadlines.pop(conn, None)
-                self.deadlines.pop(request, None)
-            if conn is not request:
-                self.slots.release(conn)
-                conn.close()
-        return False
+    def close(self, wait):
+        """Stop accepting; send the answers of requests already whole (for up
+        to wait seconds); close the rest."""
+        self.stopping = time.monotonic() + wait
+        self.wake()
+        if self.thread.is_alive():
+            self.thread.join()
+        else:
+            self._close_all()
+        self.handlers.shutdown(wait=self.in_flight == 0)
 
-    def _housekeep(self):
-        """Every 0.1 s: cut off requests past their deadline, and move the
-        refused connections on."""
-        while not self.stopped.wait(0.1):
+    def wake(self):
+        with contextlib.suppress(OSError):      # full: a wake-up is pending anyway
+            self.wake_out.send(b"\0")
+
+    def serve(self):
+        next_sweep = 0.0
+        while self.stopping is None or self._answers_pending():
+            for key, events in self.selector.select(0.1):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    self._take_answers()
+                else:
+                    self._advance(key.data, events)
             now = time.monotonic()
-            with self.deadlines_lock:
-                for sock, deadline in self.deadlines.items():
-                    if deadline < now:
-                        with contextlib.suppress(OSError):   # the plain socket call, also for TLS
-                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            self.refusals.poll(now)
-            self.receiver.rejections.flush()
+            if now >= next_sweep:
+                next_sweep = now + 0.1
+                self._sweep(now)
+        self._close_all()
 
-    def service_actions(self):
-        self.receiver.tick()
+    def _answers_pending(self):
+        if self.listener.fileno() != -1:            # the first pass after close()
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            for conn in list(self.waiting_conns()):
+                self._drop(conn)
+        self._take_answers()
+        busy = self.in_flight or any(c.step == "send" for c in self.conns)
+        return busy and time.monotonic() < self.stopping
 
-    def server_close(self):
-        super().server_close()          # closes the listener
-        self.pool.close()               # answers the requests in flight
-        self.stopped.set()
-        for thread in self.helpers:
-            thread.join(5)
-        self.refusals.close()
+    def waiting_conns(self):
+        return (conn for conns in self.waiting.values() for conn in conns)
 
+    def _sweep(self, now):
+        """Deadlines (--request-timeout; a lingering close's 2 s), the log's
+        rate limit, and the receiver's heartbeat."""
+        for conn in [c for c in self.conns if c.deadline <= now and c.step != "handler"]:
+            if conn.step in ("head", "body"):
+                self._reply(conn, canned_answer(b"408 Request Timeout", "the whole request "
+                                                "did not arrive within --request-timeout"))
+            else:                       # no TLS yet, an answer not taken, a lingering close
+                self._drop(conn)
+        self.receiver.rejections.flush()
+        if self.stopping is None:
+            self.receiver.tick()
 
-class ConnectionSlots:
-    """--max-connections, held by accepted connections. At the cap a new
-    connection takes the place of one that has sent nothing yet (idle
-    connections must not deny service), from the client address holding the
-    most slots, oldest first; failing that, when another address holds more
-    than half the slots, that address's oldest (nginx's limit_conn fairness).
-    Else the newcomer is refused."""
-
-    def __init__(self, size):
-        self.size = size
-        self._lock = threading.Lock()
-        self._held = {}                 # socket -> [client address, has sent a byte]
-
-    def free(self):
-        with self._lock:
-            return self.size - len(self._held)
-
-    def active(self):
-        """Connections that have begun their request."""
-        with self._lock:
-            return sum(1 for _, started in self._held.values() if started)
-
-    def admit(self, sock, client):
-        """(admitted, (connection that yields to it, whether it was idle) or None)."""
-        with self._lock:
-            cut = None
-            if len(self._held) >= self.size:
-                cut = self._yielding(client)
-                if cut is None:
-                    return False, None
-                del self._held[cut[0]]
-            self._held[sock] = [client, False]
-            return True, cut
-
-    def _yielding(self, client):
-        load = collections.Counter(holder for holder, _ in self._held.values())
-        idle = [s for s, (_, active) in self._held.items() if not active]
-        if idle:
-            return max(idle, key=lambda s: load[self._held[s][0]]), True
-        heaviest, count = load.most_common(1)[0]
-        if heaviest != client and count * 2 > self.size:
-            return next(s for s, (holder, _) in self._held.items() if holder == heaviest), False
-        return None
-
-    def rekey(self, old, new):
-        """The connection is now the TLS socket new (old is detached)."""
-        with self._lock:
-            if old in self._held:
-                self._held[new] = self._held.pop(old)
-
-    def activate(self, sock):
-        """The connection sent its first byte; False when it was cut meanwhile."""
-        with self._lock:
-            entry = self._held.get(sock)
-            if entry is not None:
-                entry[1] = True
-            return entry is not None
-
-    def release(self, sock):
-        with self._lock:
-            self._held.pop(sock, None)
-
-
-class ConnectionPool:
-    """Threads that serve accepted connections, started as needed up to size
-    and then reused: a connection costs a queue hand-off, not a new thread
-    (Thread.start() also waits until the new thread runs)."""
-
-    def __init__(self, size, serve):
-        self.size, self.serve = size, serve
-        self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0                  # threads waiting for a job, not yet promised one
-        self._threads = []
-
-    def submit(self, request, client_address):
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            elif len(self._threads) < self.size:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name="http-%d" % len(self._threads))
-                self._threads.append(thread)
-                thread.start()
-        self._jobs.put((request, client_address))
-
-    def close(self):
-        """Serve what is queued, then end every thread."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
+    def _accept(self):
+        for _ in range(64):             # a burst per wake-up; the rest on the next
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            self.serve(*job)
-            with self._lock:
-                self._idle += 1
-
-
-class Refusals:
-    """Connections turned away, answered without a thread: the answer goes
-    out at once (over TLS after a non-blocking handshake), then a brief drain
-    so that closing does not reset the connection over the answer (a
-    lingering close). At most MAX_LINGERING at a time, each for 2 s."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._socks = {}                # socket -> [deadline, answer still to send or None]
-
-    def add(self, sock, answer, tls=None):
-        entry = [time.monotonic() + 2.0, answer]
-        try:
+            except OSError as exc:      # EMFILE and the like: a full descriptor table
+                self.receiver.rejections.note(503, "-", "cannot accept: %s" % os_reason(exc))
+                if not self._make_room():
+                    return
+                continue
+            if len(self.conns) >= self.capacity and not self._make_room():
+                sock.close()            # every connection's request is being handled
+                continue
             sock.setblocking(False)
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            with self._lock:
-                if len(self._socks) >= MAX_LINGERING:
-                    raise OSError("too many lingering connections")
-                self._socks[sock] = entry
-        except OSError:
-            sock.close()
-            return
-        self._advance(sock, entry, False)
+            # A Unix socket (socket activation on a path) gives no client address.
+            peer = address[0] if isinstance(address, tuple) else "local"
+            conn = Connection(sock, peer, time.monotonic(), self.config.request_timeout,
+                              "first" if self.tls else "head")
+            self.conns[conn] = None
+            self.waiting.setdefault(peer, {})[conn] = None
+            self.selector.register(sock, selectors.EVENT_READ, conn)
 
-    def poll(self, now):
-        with self._lock:
-            socks = list(self._socks.items())
-        if not socks:
-            return
-        try:
-            readable = set(select.select([s for s, _ in socks], [], [], 0)[0])
-        except (OSError, ValueError):
-            readable = {s for s, _ in socks}
-        for sock, entry in socks:
-            if entry[0] < now or self._advance(sock, entry, sock in readable):
-                with self._lock:
-                    self._socks.pop(sock, None)
-                sock.close()
-
-    def close(self):
-        with self._lock:
-            socks, self._socks = list(self._socks), {}
-        for sock in socks:
-            sock.close()
-
-    @staticmethod
-    def _advance(sock, entry, readable):
-        """One step for one connection; True when it may be closed."""
-        try:
-            if entry[1] is not None:
-                if isinstance(sock, ssl.SSLSocket):
-                    sock.do_handshake()         # raises SSLWantRead/WriteError until done
-                sock.send(entry[1])
-                entry[1] = None
-                socket.socket.shutdown(sock, socket.SHUT_WR)
-                return False
-            return readable and not socket.socket.recv(sock, 65536)   # drain, raw even for TLS
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+    def _make_room(self):
+        """At the cap, the client holding the most connections whose request
+        is not whole gives up its oldest one: no flood of idle, half-sent or
+        dripping connections denies another client."""
+        if not self.waiting:
             return False
-        except OSError:
-            return True
+        client = max(self.waiting, key=lambda c: len(self.waiting[c]))
+        victim = next(iter(self.waiting[client]))
+        if victim.step == "head" and not victim.data and not isinstance(victim.sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                victim.sock.send(TOO_MANY)
+        self.receiver.metrics.inc("connections_cut_total")
+        self._drop(victim)
+        return True
+
+    def _advance(self, conn, events):
+        try:
+            if conn.step == "first":
+                self._first_byte(conn)
+            elif conn.step == "handshake":
+                self._handshake(conn)
+            elif conn.step in ("head", "body"):
+                self._read(conn)
+            elif conn.step == "send":
+                self._send(conn)
+            elif conn.step == "linger" and not socket.socket.recv(conn.sock, 65536):
+                self._drop(conn)        # raw: a lingering close only drains
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            pass
+        except OSError:                 # reset, a failed handshake (ssl.SSLError)
+            self._drop(conn)
+
+    def _first_byte(self, conn):
+        """HTTPS port: a TLS handshake record (RFC 8446 5.1) starts the
+        handshake; plain HTTP is told to use https://."""
+        first = conn.sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            self._drop(conn)
+            return
+        conn.deadline = time.monotonic() + self.config.request_timeout
+        if first != b"\x16":
+            self._reply(conn, PLAIN_ON_TLS)
+            return
+        self.selector.unregister(conn.sock)
+        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
+                                         do_handshake_on_connect=False)
+        conn.step = "handshake"
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        self._handshake(conn)
+
+    def _handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantWriteError:
+            self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return
+        except ssl.SSLWantReadError:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        conn.step = "head"
+        self._read(conn)
+
+    def _read(self, conn):
+        while True:
+            chunk = conn.sock.recv(65536)
+            if not chunk:               # the client half-closed: what came is the request
+                (self._hand_off if conn.data else self._drop)(conn)
+                return
+            if not conn.data and not isinstance(conn.sock, ssl.SSLSocket):
+                conn.deadline = time.monotonic() + self.config.request_timeout
+            conn.data += chunk
+            if conn.length is None and not self._head(conn):
+                return
+            if len(conn.data) >= conn.length:
+                self._hand_off(conn)
+                return
+            if not (isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending()):
+                return
+
+    def _head(self, conn):
+        """Once the head is in: the request's whole length, and its client.
+        False while the head is still coming (or answered here)."""
+        end = HEAD_END.search(conn.data, max(0, conn.scanned - 3))
+        conn.scanned = len(conn.data)
+        if end is None:
+            if conn.scanned > HEAD_LIMIT:
+                self._reply(conn, HEAD_TOO_LONG if b"\n" in conn.data else LINE_TOO_LONG)
+            return False
+        head = bytes(conn.data[:end.end()])
+        headers = request_headers(head)
+        body = body_length(headers, self.config.max_body_bytes)
+        if headers is not None and ipaddress_in(conn.peer, self.config.trusted_proxy):
+            self._rekey(conn, forwarded_client(headers, self.config.trusted_proxy) or conn.peer)
+        if self.buffered + body > self.body_cap:
+            self.receiver.rejections.note(503, conn.client, "request buffers full")
+            self._reply(conn, BUFFERS_FULL)
+            return False
+        self.buffered += body
+        conn.reserved, conn.length, conn.step = body, end.end() + body, "body"
+        return True
+
+    def _rekey(self, conn, client):
+        self._unwait(conn)
+        conn.client = escape(client, 64)
+        self.waiting.setdefault(conn.client, {})[conn] = None
+
+    def _hand_off(self, conn):
+        self._unwait(conn)
+        self.selector.unregister(conn.sock)
+        conn.step = "handler"
+        self.in_flight += 1
+        request = bytes(conn.data[:conn.length])
+        conn.data = None
+        self.handlers.submit(self._handle, conn, request)
+
+    def _handle(self, conn, request):
+        """In a handler thread: the answer, made from memory; the loop sends it."""
+        try:
+            answer = CallbackHandler.answer(request, conn.client, self)
+        except Exception:               # thread boundary: the client still gets an answer
+            LOG.exception("request crashed client=%s", conn.client)
+            answer = canned_answer(b"500 Internal Server Error", "internal error")
+        self.answers.append((conn, answer))
+        self.wake()
+
+    def _take_answers(self):
+        with contextlib.suppress(OSError):
+            while self.wake_in.recv(4096):
+                pass
+        while self.answers:
+            conn, answer = self.answers.popleft()
+            self.in_flight -= 1
+            self.buffered -= conn.reserved
+            conn.reserved = 0
+            self.selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            self._reply(conn, answer)
+
+    def _reply(self, conn, answer):
+        self._unwait(conn)
+        conn.answer, conn.step, conn.data = answer, "send", None
+        conn.deadline = time.monotonic() + self.config.request_timeout
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._advance(conn, selectors.EVENT_WRITE)
+
+    def _send(self, conn):
+        sent = conn.sock.send(conn.answer)
+        conn.answer = conn.answer[sent:]
+        if not conn.answer:
+            # A lingering close (RFC 9112 9.6): closing with unread request bytes
+            # would reset the connection over the answer; drain them for 2 s.
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+            conn.step, conn.deadline = "linger", time.monotonic() + LINGER_SECONDS
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unwait(self, conn):
+        """The connection's request is whole (or answered): it is not evicted."""
+        conns = self.waiting.get(conn.client)
+        if conns and conn in conns:
+            del conns[conn]
+            if not conns:
+                del self.waiting[conn.client]
+
+    def _drop(self, conn):
+        self._unwait(conn)
+        self.conns.pop(conn, None)
+        self.buffered -= conn.reserved
+        conn.reserved = 0
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _close_all(self):
+        for conn in list(self.conns):
+            self._drop(conn)
+        for sock in (self.listener, self.wake_in, self.wake_out):
+            sock.close()
+        self.selector.close()
 
 
 def canned_answer(status_line, error, extra=b""):
-    """A whole HTTP/1.0 answer, sent without a handler thread."""
+    """A whole HTTP/1.0 answer that the front loop sends itself."""
     body = json.dumps({"status": "error", "error": error}).encode()
     return (b"HTTP/1.0 %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
             % (status_line, extra, len(body))) + body
 
 
 TOO_MANY = canned_answer(b"503 Service Unavailable", "too many connections", b"Retry-After: 1\r\n")
+BUFFERS_FULL = canned_answer(b"503 Service Unavailable", "too many request bytes buffered; "
+                             "try again", b"Retry-After: 1\r\n")
 PLAIN_ON_TLS = canned_answer(b"400 Bad Request", "this port speaks HTTPS: use an https:// URL")
+HEAD_TOO_LONG = canned_answer(b"431 Request Header Fields Too Large",
+                              "request head over %d bytes" % HEAD_LIMIT)
+LINE_TOO_LONG = canned_answer(b"414 URI Too Long", "request line over %d bytes" % HEAD_LIMIT)
 
+
+def request_headers(head):
+    """The header fields of a request head, or None where they do not parse
+    (the handler then answers as http.server does)."""
+    with contextlib.suppress(http.client.HTTPException, ValueError):
+        lines = head.lstrip(b"\r\n").split(b"\n", 1)
+        return http.client.parse_headers(io.BytesIO(lines[1] if len(lines) > 1 else b""))
+    return None
+
+
+def body_length(headers, limit):
+    """The body bytes to read before the handler runs: Content-Length when it
+    is one number within limit, else 0 (the handler answers 400, 411 or 413
+    without reading a body)."""
+    if headers is None or headers.get("Transfer-Encoding") is not None:
+        return 0
+    values = {parse_digits(value) for value in headers.get_all("Content-Length") or ()}
+    length = values.pop() if len(values) == 1 else None
+    return length if length is not None and length <= limit else 0
+
+
+def ipaddress_in(text, networks):
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def forwarded_client(headers, trusted):
+    """The client a trusted proxy names: the rightmost X-Forwarded-For entry
+    that is not itself a trusted proxy, else the rightmost such RFC 7239
+    Forwarded for= (the entries left of it are the client's to forge)."""
+    hops = ",".join(headers.get_all("X-Forwarded-For") or ()).split(",")
+    if not "".join(hops).strip():
+        hops = FORWARDED_FOR.findall(",".join(headers.get_all("Forwarded") or ()))
+    for hop in reversed([forwarded_node(h) for h in hops if h.strip()]):
+        if not ipaddress_in(hop, trusted):
+            return hop
+    return None
+
+
+def forwarded_node(text):
+    """An address without its quotes, brackets and port: "[2001:db8::1]:4711",
+    192.0.2.1:80 and 192.0.2.1 as the address alone (RFC 7239 6)."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.split(":", 1)[0] if text.count(":") == 1 else text
+
+
+# ---------------------------------------------------------------------------
+# Handler: one whole request, from memory
+# ---------------------------------------------------------------------------
 
 class CallbackHandler(http.server.BaseHTTPRequestHandler):
-    """Parse, bound and verify one request; every ReceiverError becomes its
-    answer in dispatch(), the one place that maps errors to statuses."""
+    """Parse, bound and verify one request, whole in memory (the front loop
+    read it); every ReceiverError becomes its answer in dispatch(), the one
+    place that maps errors to statuses."""
 
     server_version = "cover_receiver/" + __version__
     sys_version = ""
     protocol_version = "HTTP/1.0"       # one request per connection: no idle keep-alive
-    wbufsize = -1                       # buffered: status, headers and body in one send
     default_request_version = "HTTP/1.0"  # never answer HTTP/0.9-style (no status line)
+
+    @classmethod
+    def answer(cls, request, client, front):
+        """The whole answer to one whole request, as bytes."""
+        return cls(request, (client, 0), front).wfile.getvalue()
+
+    def setup(self):
+        self.rfile, self.wfile = io.BytesIO(self.request), io.BytesIO()
+
+    def finish(self):
+        """Nothing to flush or close: the front loop sends wfile's bytes."""
 
     def parse_request(self):
         """The stdlib's parser, but one empty line before the request line is
@@ -3869,7 +3990,9 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
         answer the first with silence and the second with no status line."""
         if self.raw_requestline in (b"\r\n", b"\n"):
             self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline.strip():
+        # http.server splits on str whitespace (\x1c-\x1f too), and says
+        # nothing to a request line with no word in it.
+        if not str(self.raw_requestline, "iso-8859-1").split():
             self.command, self.request_version = None, self.default_request_version
             self.send_error(400, "no request line")
             return False
@@ -3942,6 +4065,9 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, payload, content_type="application/json", allow=None):
         body = payload if isinstance(payload, str) else json.dumps(payload)
         body = body.encode("utf-8")
+        # http.server writes no status line for "HTTP/0.9", which a request
+        # line of four words can leave set: every answer here is HTTP/1.0.
+        self.request_version = "HTTP/1.0"
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -4046,7 +4172,7 @@ class Receiver:
         self._probe_lock = threading.Lock()
         self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
         try:                            # listen first: a refused start creates nothing
-            self.server = CallbackServer(config, self, inherited_socket(env))
+            self.front = Front(config, self, inherited_socket(env))
         except ssl.SSLError as exc:
             raise UsageError("--tls-cert/--tls-key cannot be loaded: %s" % exc) from None
         except OSError as exc:
@@ -4056,7 +4182,7 @@ class Receiver:
         try:
             self.store = open_store(config)
         except UsageError:
-            self.server.server_close()
+            self.front.close(0)
             raise
         self.hooks = HookRunner(config, self.store, clock)
         self.requests = RequestBox(self.store)
@@ -4066,13 +4192,11 @@ class Receiver:
                                  self._deliver, self.queue.end_task, self.metrics, self.store,
                                  clock)
         self.notifier = SystemdNotifier(env)
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
-            "poll_interval": 0.2}, name="http", daemon=True)
 
     @property
     def listen_address(self):
         """(host, port); (socket path, None) for a Unix socket."""
-        address = self.server.server_address
+        address = self.front.address
         if isinstance(address, (str, bytes)):           # a path, or b"\0name" (abstract)
             return os.fsdecode(address).replace("\0", "@") or "unix", None
         return address[:2]
@@ -4082,7 +4206,7 @@ class Receiver:
         """The callback URL on this machine (for tests and the start-up log)."""
         host, port = self.listen_address
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        return "%s://%s:%s%s" % ("https" if self.server.tls else "http",
+        return "%s://%s:%s%s" % ("https" if self.front.tls else "http",
                                  "[%s]" % host if ":" in host else host, port, self.config.path)
 
     def start(self):
@@ -4098,7 +4222,7 @@ class Receiver:
         self.queue.put(work)
         self._take_hooks()
         self.next_rescan = time.monotonic() + self.config.rescan_seconds  # recover() was the first
-        self._thread.start()
+        self.front.thread.start()
         self._log_listening(len(work))
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
         self.notifier.start(self.healthy, self.status_line)
@@ -4108,7 +4232,7 @@ class Receiver:
         policy = ("only " + ",".join(config.allow_host) if config.allow_host
                   else "public-https")
         log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
-                  downloads=policy, tls="on" if self.server.tls else "off", resumed=resumed,
+                  downloads=policy, tls="on" if self.front.tls else "off", resumed=resumed,
                   signature="on" if config.hmac_key else "off",
                   token="on" if config.token else "off")
         if not (config.token or config.hmac_key) and port is not None and not is_loopback(host):
@@ -4122,8 +4246,7 @@ class Receiver:
         log_event("stopping", drain_seconds=self.config.drain_seconds,
                   note="a second stop signal exits at once")
         self.notifier.send("STOPPING=1")
-        self.server.shutdown()
-        self.server.server_close()
+        self.front.close(self.config.request_timeout)     # answers what is whole
         self.recovery.stop()
         self.queue.stop(max(0.0, deadline - time.monotonic()))
         self.hooks.stop(max(0.0, deadline - time.monotonic()))
@@ -4154,8 +4277,11 @@ class Receiver:
             LOG.exception("rescan crashed")
 
     def wake(self):
-        """SIGHUP (systemctl reload): rescan <dir> now; nothing is dropped."""
+        """SIGHUP (systemctl reload): reload the TLS certificate, and rescan
+        <dir> now; nothing is dropped."""
         log_event("reload", note="looking at the folder for due work now")
+        if self.front.tls:
+            self.front.reload_tls()
         self.next_rescan = self.next_look = 0.0
 
     def _take_requests(self):
@@ -4299,8 +4425,8 @@ class Metrics:
         "downloads_total": ("counter", "Images finished, by outcome.", ("saved", "failed")),
         "download_retries_total": ("counter", "Image download tries that will be retried.", ()),
         "downloaded_bytes_total": ("counter", "Bytes of covers saved.", ()),
-        "connections_cut_total": ("counter", "Idle connections cut to make room at "
-                                  "--max-connections.", ()),
+        "connections_cut_total": ("counter", "Connections whose request was not whole, "
+                                  "closed to make room at --max-connections.", ()),
         "api_requests_total": ("counter", "serve's record-info requests, by outcome (ok, or "
                                "the error's kind).", ("ok", "passing", "person", "unknown",
                                                       "refused")),
