@@ -28,29 +28,31 @@ The route of a callback through the code:
     socket -> Front (one selectors loop: TLS handshake, the whole request read)
            -> CallbackHandler.dispatch (a handler thread: path, token, size, JSON)
            -> Receiver.handle_callback (signature, Callback.from_json)
-           -> TaskStore.accept (task.json durable: then the 200)
-           -> DownloadQueue (DueHeap: each image when due) -> Fetcher (DownloadPolicy.vet)
-           -> TaskStore.save_cover, end_if_saved (the record written once per task)
-           -> HookRunner (--on-complete, at least once)
+           -> Pipeline.deliver -> accept (one sqlite3 commit, shared: then the 200)
+           -> Scheduler (one due-time queue) -> Pipeline.image -> Fetcher (DownloadPolicy.vet)
+           -> TaskFolder.write (fsync, rename, fsync), the row updated in one commit
+           -> Pipeline.end: task.json, then HookRunner (--on-complete, at least once)
 
-A passing download failure is tried again after about 1 s, doubling up to
---max-backoff, until --retry-for after the task arrived (the URLs' lifetime).
-With an API key, serve asks record-info (Recovery) for an expected task (expect,
-generate) that had no callback --recover-after seconds later, and saves what
-it answers through the same TaskStore.accept.
+Every retry follows one rule: about 1 s, doubling up to --max-backoff, until
+--retry-for after the task arrived (the URLs' lifetime); the schedule is kept
+in the row. With an API key, serve asks record-info (Recovery) for an expected
+task (expect, generate) that had no callback --recover-after seconds later,
+and saves what it answers through the same Pipeline.deliver. Beside a running
+serve, the other commands write their intent to the database; serve acts on it.
 
 Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
     COVER_RECEIVER_TOKEN      required ?token= on the callback URL (or --token-file)
     SUNO_API_KEY              API key for fetch, generate and serve's recovery
 
-Files: <dir>/<taskId>/task.json (the record) and cover_1.png, cover_2.jpg, ...
+Files: <dir>/cover_receiver.db (the records), <dir>/<taskId>/cover_1.png, ...
+and task.json (the record, written when the task ends).
 Exit status: 0 ok; 1 fetch/retry: a task did not end done (status: no such
 task); 2 bad usage or cannot start; 3 fetch: a task is still generating when
 --wait ran out.
 """
 
-__version__ = "1.4.0"
+__version__ = "2.0.0"
 
 import argparse
 import base64
@@ -62,7 +64,6 @@ import datetime
 import difflib
 import email.utils
 import errno
-import functools
 import hashlib
 import hmac
 import heapq
@@ -74,7 +75,7 @@ import itertools
 import json
 import logging
 import os
-import queue
+import pathlib
 import random
 import re
 import selectors
@@ -82,6 +83,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -90,7 +92,6 @@ import textwrap
 import threading
 import time
 import urllib.parse
-import zlib
 
 WINDOWS = os.name == "nt"       # the places that ask; see the Platform section
 LINUX = sys.platform.startswith("linux")
@@ -115,31 +116,28 @@ API_BACKOFF_CAP = 60.0          # fetch: longest wait between polls after an API
 HOOK_TIMEOUT = 60.0
 CHUNK = 256 * 1024
 MAX_API_ANSWER = 1024 * 1024
-MAX_RECORD_BYTES = 1024 * 1024  # a task.json is a few KB; anything larger is not ours
+MAX_RECORD_BYTES = 1024 * 1024  # a 1.x task.json is a few KB; anything larger is not ours
 HOOK_OUTPUT_BYTES = 8192        # a hook's output kept for the log; the rest is read and counted
 HOOK_OUTPUT_LINES = 20
 HOOK_RUN_ENV = "COVER_HOOK_RUN"  # marks a hook's processes, also those that left its group
 PROBE_CACHE_SECONDS = 1.0       # /healthz reuses a disk probe this recent
-LOCK_BUCKETS = 64               # lock files per kind in .locks (TaskLocks)
-LOCK_KINDS = ("record", "images")   # .locks/record-<n>: record updates; images-<n>: downloads
-CLAIM_POLL = 0.2                # seconds between tries for downloads another process holds
-REQUEST_POLL = 0.2              # serve looks for work that retry handed it this often
-RESCAN_SECONDS = 60.0           # serve picks up work other processes left pending this often
-INDEX_DIR = ".index"            # <dir>/.index/<mark>.<taskId>: the tasks that are not done
-PENDING_MARK = "pending"        # ... an unfinished task (expected or pending)
-HOOK_MARK = "hook"              # ... a task whose hook is pending or failed
-FAILED_MARK = "failed"          # ... a failed task
-MIGRATED = ".migrated"          # <dir>/.index/.migrated: 1.2's layout was taken over
-TEMP_DIR = ".tmp"               # <dir>/.tmp: task folders being built, disk probes
-NEW_PREFIX = "new."             # <dir>/.tmp/new.<taskId>.<pid>.<n>: a task folder being built
-LEGACY_PREFIXES = {".pending.": PENDING_MARK, ".hook.": HOOK_MARK}   # 1.2's markers in <dir>
-LEGACY_TEMP = (".new.", ".probe.")                                   # 1.2's temp entries in <dir>
-LOCKS_DIR = ".locks"            # <dir>/.locks/<kind>-<n>: lock files, made once (TaskLocks)
-LEGACY_PENDING_DIR = ".pending"  # 1.0's index folder, migrated at start
-REQUESTS_DIR = ".requests"      # <dir>/.requests/<kind>.<taskId>: work retry hands to serve
-SERVE_LOCK = ".serve"           # <dir>/.locks/.serve: held while a serve runs (no taskId has a dot)
-REQUEST_KINDS = ("images", "hook", "expect")   # expect.<taskId> holds the parent taskId
-EXPECT_HANDOFF_WAIT = 10.0      # expect/generate: seconds to wait for the running serve to record
+REQUEST_POLL = 0.2              # serve looks for work commands left in the database this often
+DB_NAME = "cover_receiver.db"   # <dir>/cover_receiver.db (and its -wal, -shm): the records
+LOCK_NAME = "cover_receiver.lock"   # <dir>/cover_receiver.lock: held by the owner of <dir>
+BUSY_SECONDS = 10               # a connection waits this long for another's write to end
+SCHEMA_VERSION = 1              # PRAGMA user_version
+SCHEMA = (
+    # One row per task: its record as JSON (the contract's field names), and the
+    # columns the queries need. open: not finished (status lists it, start-up
+    # resumes it); wake: a command changed it for serve; manifest: task.json due.
+    "CREATE TABLE task (task_id TEXT PRIMARY KEY, status TEXT NOT NULL, hook TEXT, "
+    "open INTEGER NOT NULL, wake INTEGER NOT NULL, manifest INTEGER NOT NULL, "
+    "updated TEXT NOT NULL, record TEXT NOT NULL)",
+    "CREATE INDEX task_open ON task (updated) WHERE open",     # O(tasks not finished)
+    "CREATE INDEX task_wake ON task (task_id) WHERE wake",
+    "CREATE TABLE note (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+LEGACY_ENTRIES = (".index", ".locks", ".tmp", ".requests")   # 1.4's, removed once imported
 HEAD_LIMIT = 65536              # a request's line and header fields together
 HEAD_END = re.compile(rb"\r?\n\r?\n")  # the empty line that ends a head (RFC 9112 2.1)
 BUFFERED_BODIES = 64 * 1024 * 1024  # request bodies held at once (at least one --max-body-bytes)
@@ -148,14 +146,13 @@ HANDLER_THREADS = 16            # requests answered at once (each whole in memor
 DESCRIPTOR_RESERVE = 128        # descriptors kept from connections: downloads, files, hooks
 # RFC 7239 4: the for= parameter of each Forwarded element (a token or a quoted string).
 FORWARDED_FOR = re.compile(r'(?:^|[;,])\s*for\s*=\s*("[^"]*"|[^;,\s]*)', re.IGNORECASE)
-PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 PENDING, DONE, FAILED, CORRUPT = "pending", "done", "failed", "corrupt"
 EXPECTED = "expected"           # recorded by expect/generate (or --confirm): no images yet
 UNFINISHED = (EXPECTED, PENDING)    # a task with a .pending.<taskId> marker
 API_GAP = 1.0                   # serve: seconds between two API requests (no burst, ever)
 CONFIRM_GRACE = 300.0           # --confirm: how long record-info may lag a success callback
-COVER_NAME = re.compile(r"cover_([1-9][0-9]?)\.(png|jpg|webp|gif)")
 COVER_EXTS = ("png", "jpg", "webp", "gif")
+PROBE_BYTES = 512               # /healthz writes and fsyncs this much: a full disk fails it
 COVER_NAMES = frozenset("cover_%d.%s" % (n, ext) for n in range(1, 100) for ext in COVER_EXTS)
 FILE_ENTRIES = COVER_NAMES | {None}      # what task.json's files list may hold
 # A DNS name as a resolver can take it (RFC 1035 2.3.4: labels of at most 63,
@@ -268,13 +265,8 @@ class TooSlow(ReceiverError, OSError):
 
 
 class CorruptRecord(ReceiverError):
-    """A task's folder or task.json is not what this program writes: a link,
-    not a directory or regular file, too large, not JSON, or the wrong shape.
-    Never fatal; whole_folder says whether the folder itself is the problem."""
-
-    def __init__(self, message, whole_folder=False):
-        super().__init__(message)
-        self.whole_folder = whole_folder
+    """A 1.x task.json that is not what this program wrote: a link, not a
+    regular file, too large, not JSON, or the wrong shape. Never fatal."""
 
 
 class ApiError(ReceiverError):
@@ -327,13 +319,6 @@ def log_event(event, task=None, level=logging.INFO, **fields):
     # The record made here, not by LOG.log(), which looks up the caller's
     # file and line in the stack for every line: no format here prints them.
     LOG.handle(LOG.makeRecord(LOG.name, level, "", 0, " ".join(parts), None, None))
-
-
-def log_crash(what, item):
-    """A worker's crash, logged with its traceback; the item is dropped from
-    the schedule, and its record keeps it for the next rescan."""
-    LOG.exception("%s crashed task=%s", what, escape(item.task_id))
-    return False
 
 
 def parse_utc(text):
@@ -658,7 +643,6 @@ class Config:
     api_gap: float = API_GAP
     backoff_base: float = 1.0
     hook_timeout: float = HOOK_TIMEOUT
-    rescan_seconds: float = RESCAN_SECONDS
 
     def __repr__(self):      # keep secrets out of any accidental print
         return "Config(command=%r, dir=%r, port=%r)" % (self.command, self.dir, self.port)
@@ -1041,6 +1025,30 @@ class Platform:
         return action(*args)
 
     @staticmethod
+    def become_owner(path):
+        """A command run as root on a <dir> that another user owns (root beside
+        a DynamicUser= service) goes on as that user, so every file it makes,
+        the database's -wal and -shm included, is the service's to open.
+        Returns the path to use then: a DynamicUser= state directory sits
+        under /var/lib/private (root only), so it is entered first and, on
+        Linux, reached as /proc/self/cwd (a link the kernel follows without
+        walking the path's parents again)."""
+        if WINDOWS or os.geteuid() != 0:
+            return path
+        try:
+            info = os.stat(path)
+        except OSError:
+            return path
+        if info.st_uid == 0:
+            return path
+        os.chdir(path)
+        os.setgroups([])
+        os.setgid(info.st_gid)
+        os.setuid(info.st_uid)
+        log_event("running-as", uid=info.st_uid, gid=info.st_gid, note="the owner of --dir")
+        return path if os.access(path, os.X_OK) or not LINUX else "/proc/self/cwd"
+
+    @staticmethod
     def socket_budget():
         """How many connections one selector may hold. POSIX: the soft
         descriptor limit, raised to the hard one first (a flood of idle
@@ -1171,950 +1179,419 @@ def os_reason(exc):
 
 
 # ---------------------------------------------------------------------------
-# Store: the only code that touches <dir>
+# Store: one sqlite3 database in <dir>, the owner lock, the task folders
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """What a claim found for one image: where to get it and its schedule."""
-    url: str
-    tries: int
-    due: float                  # unix time of the next try on disk (0: now)
-    saved_as: str = None        # a cover already under its final name: adopt it
+class Store:
+    """The records: one row per task in <dir>/cover_receiver.db, and the only
+    code that writes SQL. The database is in WAL mode with synchronous=FULL:
+    a commit that returned is on disk. write() runs a change in a
+    transaction that it shares with the changes other threads queued
+    meanwhile (group commit: one fsync for many callbacks); reads have a
+    connection of their own."""
 
+    COLUMNS = "task_id, status, hook, open, wake, manifest, updated, record"
 
-class TaskStore:
-    """Task records and covers under one folder.
-
-    A new task is built in <dir>/.tmp, its task.json fsynced, renamed into
-    place and made durable by one fsync of <dir>; the rename fails when the
-    task exists, which is the duplicate signal. The TaskIndex in <dir>/.index
-    lists the tasks not done, so start-up, the rescan, the counts and status
-    never list the years of finished tasks in <dir>; a crash leaves at most a
-    stale mark, which the record it points to corrects. Locks
-    on the files in <dir>/.locks (TaskLocks) serialise a task's record
-    updates and keep its downloads in one process: serve, fetch and retry
-    may share a folder. A task's record is written once for all its
-    covers (end_if_saved), as a cover under its final name is adopted.
-
-    Nothing on disk is trusted: every record is read through read(), which
-    follows no link and checks type, size and shape; a corrupt one is noted
-    (logged once, counted) and never stops the caller.
-    """
-
-    def __init__(self, root, hooks=False):
-        self.root, self.hooks = os.path.abspath(root), hooks
-        self.locks = os.path.join(self.root, LOCKS_DIR)
-        self.index = TaskIndex(os.path.join(self.root, INDEX_DIR))
-        self.tmp = os.path.join(self.root, TEMP_DIR)
-        self._sync_root = SharedSync(self.root)
-        self._pid = os.getpid()
-        self._serial = itertools.count()        # unique temp names without getrandom()
-        self._corrupt = {}                      # taskId -> why, for tasks found corrupt
-        self._corrupt_lock = threading.Lock()
-        self._record_locks = TaskLocks(self.locks, LOCK_KINDS[0])
-        self._image_locks = TaskLocks(self.locks, LOCK_KINDS[1])
-
-    def prepare(self):
-        """Create the folder and prove it is writable (raises OSError)."""
-        os.makedirs(self.root, exist_ok=True)
-        for folder in (self.locks, self.index.path, self.tmp):
-            own_folder(folder)
-        self.probe()
-
-    def probe(self):
-        """A real small durable write: an empty file needs no data blocks, so
-        it would succeed on a full disk."""
-        path = self._temp_name(self.tmp, "probe")
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.path = os.path.join(self.root, DB_NAME)
+        self.damaged = None             # the note left when a damaged database was set aside
+        self.fresh = False              # made now (or anew for a damaged one): 1.x import due
+        self._queue, self._leading = [], False
+        self._queued = threading.Condition()
+        self._readers, self._local = [], threading.local()     # a read connection per thread
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+            set_aside_planted(os.path.join(self.root, name))
+        self.fresh = not os.path.exists(self.path)
         try:
-            write_durably(path, b"\0" * PROBE_BYTES)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self._replace_damaged(exc)
+            self.fresh = True
+        self.damaged = self._note("damaged")
 
-    def task_dir(self, task_id):
-        if not TASK_ID_RE.fullmatch(task_id):       # defence in depth: never leave <dir>
-            raise BadCallback("bad taskId")
-        return os.path.join(self.root, task_id)
+    def _connect(self, target):
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_SECONDS, uri=target.startswith("file:"))
+        conn.execute("PRAGMA busy_timeout = %d" % (BUSY_SECONDS * 1000))
+        return conn
+
+    def _open(self):
+        """Open (or create) the database, check it, bring its schema to
+        SCHEMA_VERSION. A damaged file raises sqlite3.DatabaseError."""
+        self._writer = self._connect(self.path)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        self._writer.execute("PRAGMA synchronous = FULL")
+        check = self._writer.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError("quick_check: %s" % check)
+        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UsageError("%s was written by a newer cover_receiver (schema %d)"
+                             % (self.path, version))
+        if version == 0:
+            self._writer.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA:
+                self._writer.execute(statement)
+            self._writer.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            self._writer.execute("COMMIT")
+        self._inode = os.stat(self.path).st_ino
+
+    def _replace_damaged(self, exc):
+        """Set a damaged database aside (kept, with its -wal), start a fresh
+        one, and copy into it every row that can still be read."""
+        self.close()
+        self._readers, self._local = [], threading.local()
+        kept = "%s.damaged-%d" % (DB_NAME, time.time_ns())
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path + suffix, os.path.join(self.root, kept + suffix))
+        self._open()
+        rows = list(readable_rows(os.path.join(self.root, kept)))
+        note = "%s was damaged (%s) and is kept as %s; %d rows were read back" % (
+            DB_NAME, escape(exc, 80), kept, len(rows))
+        self.write(lambda: (self._insert_rows(rows), self._set_note("damaged", note)))
+        log_event("database-damaged", level=logging.ERROR, reason=exc, kept=kept,
+                  rows=len(rows), note="a fresh database took its place")
+
+    # -- writing -----------------------------------------------------------------
+
+    def write(self, change):
+        """change() inside a transaction, returned once it has committed. The
+        first caller to find no transaction running commits every change
+        queued by then (its own included); the others wait for it."""
+        entry = {"change": change}
+        with self._queued:
+            self._queue.append(entry)
+            while "done" not in entry:
+                if self._leading:
+                    self._queued.wait()
+                    continue
+                self._leading, batch, self._queue = True, self._queue, []
+                self._queued.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._queued.acquire()
+                    self._leading = False
+                    for done in batch:
+                        done["done"] = True
+                    self._queued.notify_all()
+        if "error" in entry:
+            raise entry["error"]
+        return entry.get("result")
+
+    def _commit(self, batch):
+        conn = self._writer
+        try:
+            self.check_file()
+            conn.execute("BEGIN IMMEDIATE")
+            for entry in batch:
+                conn.execute("SAVEPOINT change")
+                try:
+                    entry["result"] = entry["change"]()
+                except Exception as exc:        # this change only: the others go on
+                    entry["error"] = exc
+                    conn.execute("ROLLBACK TO change")
+                conn.execute("RELEASE change")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:            # a full disk, EIO, a read-only <dir>
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for entry in batch:
+                entry["error"] = exc
+
+    def check_file(self):
+        """The database is still the file in <dir> (one removed or replaced
+        under a running serve would take every later commit with it), and
+        <dir> takes writes (a descriptor opened before a read-only remount
+        would not say so)."""
+        try:
+            same = os.stat(self.path).st_ino == self._inode
+        except OSError:
+            same = False
+        if not same:
+            raise sqlite3.OperationalError("%s is gone from %s (removed or replaced)"
+                                           % (DB_NAME, self.root))
+        if not os.access(self.root, os.W_OK):
+            raise sqlite3.OperationalError("%s is read-only" % self.root)
+
+    def get(self, task_id):
+        """The task's record as this transaction sees it (inside write())."""
+        row = self._writer.execute("SELECT record FROM task WHERE task_id = ?",
+                                   (task_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, record, wake=False, manifest=None):
+        """Store a record (inside write()). wake: a command asks serve to
+        schedule the task; manifest: True when the task just ended (its
+        task.json is due), False once written, None to leave as it is."""
+        record["updatedAt"] = utc_now()
+        self._writer.execute(
+            "INSERT INTO task (%s) VALUES (?, ?, ?, ?, ?, coalesce(?, 0), ?, ?) "
+            "ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, hook = "
+            "excluded.hook, open = excluded.open OR coalesce(?, manifest), wake = "
+            "max(wake, excluded.wake), manifest = coalesce(?, manifest), updated = "
+            "excluded.updated, record = excluded.record" % self.COLUMNS,
+            self._row(record, wake, manifest) + (manifest, manifest))
+
+    @staticmethod
+    def _row(record, wake=False, manifest=None):
+        hook = hook_state(record)
+        is_open = record["status"] != DONE or hook in (PENDING, FAILED) or bool(manifest)
+        return (record["taskId"], record["status"], hook, is_open, int(wake), manifest,
+                record.get("updatedAt") or "", json.dumps(record))
+
+    def _insert_rows(self, rows):
+        self._writer.executemany("INSERT OR IGNORE INTO task (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                                 % self.COLUMNS, rows)
+
+    def change(self, task_id, edit, **put):
+        """write() of edit(record) -> the record to store, or None to leave it."""
+        def run():
+            record = edit(self.get(task_id))
+            if record is not None:
+                self.put(record, **put)
+            return record
+        return self.write(run)
+
+    def manifest_written(self, task_id):
+        """The task's task.json is written (inside write()); its record is as it was."""
+        self._writer.execute("UPDATE task SET manifest = 0, open = (status != 'done' OR hook IN "
+                             "('pending', 'failed')) WHERE task_id = ?", (task_id,))
+
+    def take_wakes(self):
+        """The tasks commands changed, with their manifest flags, marked taken."""
+        def run():
+            rows = self._writer.execute(
+                "SELECT record, manifest FROM task WHERE wake").fetchall()
+            self._writer.execute("UPDATE task SET wake = 0 WHERE wake")
+            return [(json.loads(record), manifest) for record, manifest in rows]
+        return self.write(run)
+
+    def _set_note(self, key, value):
+        self._writer.execute("INSERT OR REPLACE INTO note VALUES (?, ?)", (key, value))
+
+    # -- reading -----------------------------------------------------------------
+
+    def _reader(self):
+        """This thread's read connection: in WAL mode readers never wait for
+        the writer or for each other."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:        # mode=rw: a database removed meanwhile is not made anew
+            conn = self._local.conn = self._connect(db_uri(self.path, "rw"))
+            self._readers.append(conn)
+        return conn
+
+    def _read(self, sql, args=()):
+        return self._reader().execute(sql, args).fetchall()
 
     def read(self, task_id):
-        """The task's record (1.0 records upgraded), or None when there is no
-        such task or its folder holds no record yet. Raises CorruptRecord."""
-        folder = self._checked_dir(task_id)
-        return None if folder is None else self._read_in(folder, task_id)
+        rows = self._read("SELECT record FROM task WHERE task_id = ?", (task_id,))
+        return json.loads(rows[0][0]) if rows else None
 
-    @staticmethod
-    def _read_in(folder, task_id):
-        try:
-            data = read_regular_file(folder + os.sep + "task.json", MAX_RECORD_BYTES)
-        except FileNotFoundError:
-            return None
-        try:
-            record = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise CorruptRecord("task.json is not JSON") from None
-        problem = record_problem(record, task_id)
-        if problem:
-            raise CorruptRecord("task.json " + problem)
-        return record
+    def open_rows(self):
+        """(record, manifest) of every task not finished, newest first: O(those)."""
+        return [(json.loads(record), manifest) for record, manifest in self._read(
+            "SELECT record, manifest FROM task WHERE open ORDER BY updated DESC")]
 
-    def note_corrupt(self, task_id, exc):
-        """Remember a corrupt task for /healthz and log it, once per task."""
-        with self._corrupt_lock:
-            known = self._corrupt.get(task_id) == str(exc)
-            self._corrupt[task_id] = str(exc)
-        if not known:
-            log_event("record-corrupt", task_id, logging.ERROR, reason=exc,
-                      note="left as it is; a new delivery of the task repairs it")
+    def all_records(self):
+        """Every record, by taskId, streamed (status --all)."""
+        cursor = self._reader().execute("SELECT record FROM task ORDER BY task_id")
+        for (record,) in iter(cursor.fetchone, None):
+            yield json.loads(record)
 
-    def corrupt_count(self):
-        with self._corrupt_lock:
-            return len(self._corrupt)
-
-    def _forget_corrupt(self, task_id):
-        with self._corrupt_lock:
-            self._corrupt.pop(task_id, None)
-
-    def has_tasks(self):
-        """Whether <dir> holds any task: the listing stops at the first one."""
-        with os.scandir(self.root) as entries:
-            return any(TASK_ID_RE.fullmatch(entry.name) for entry in entries)
-
-    def pending_count(self):
-        return self.index.count(PENDING_MARK)
-
-    def records(self):
-        """Every task's record; a corrupt one as {taskId, status: corrupt, error}.
-        The listing's file types spare an lstat per task (a link or a file
-        goes through read(), which says what is wrong)."""
-        with os.scandir(self.root) as entries:
-            found = sorted((entry.name, entry.is_dir(follow_symlinks=False))
-                           for entry in entries if TASK_ID_RE.fullmatch(entry.name))
-        for name, is_folder in found:
-            record = self._record_or_corrupt(name, is_folder)
-            if record is not None:
-                yield record
-
-    def not_done(self):
-        """The records of every task that is not done (expected, pending,
-        failed, corrupt, or a hook not done), from the index alone: its cost
-        does not grow with the done tasks. Before the index exists (a folder
-        1.2 wrote, not yet started by serve) it falls back to records()."""
-        if not self.index.migrated():
-            return [r for r in self.records() if r["status"] != DONE
-                    or hook_state(r) in (PENDING, FAILED)]
-        found = []
-        for task_id in sorted(set(self.index.marked()) | set(self.index.marked(FAILED_MARK))
-                              | set(self.index.marked(HOOK_MARK))):
-            record = self._record_or_corrupt(task_id)
-            if record is not None and (record["status"] != DONE
-                                       or hook_state(record) in (PENDING, FAILED)):
-                found.append(record)                # a stale mark is skipped
+    def counts(self):
+        """{status or "hook-" + hook state: tasks} over the tasks not finished."""
+        found = collections.Counter()
+        for status, hook, count in self._read(
+                "SELECT status, hook, count(*) FROM task WHERE open GROUP BY status, hook"):
+            found[status] += count
+            found["hook-%s" % hook] += count
         return found
 
-    def _record_or_corrupt(self, task_id, is_folder=False):
+    def has_tasks(self):
+        return bool(self._read("SELECT 1 FROM task LIMIT 1"))
+
+    def wakes_waiting(self):
+        """Whether a command left work for serve (a look at an index that is
+        empty but for a moment)."""
+        return bool(self._read("SELECT 1 FROM task WHERE wake LIMIT 1"))
+
+    def _note(self, key):
+        rows = self._read("SELECT value FROM note WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def close(self):
+        for conn in [getattr(self, "_writer", None)] + self._readers:
+            if conn is not None:
+                conn.close()
+
+
+def db_uri(path, mode):
+    """An SQLite URI (https://sqlite.org/uri.html) for path, opened in mode."""
+    return "%s?mode=%s" % (pathlib.Path(path).as_uri(), mode)
+
+
+def readable_rows(path):
+    """The rows of a damaged database that can still be read, as Store
+    rows; reading stops at the first error."""
+    try:
+        conn = sqlite3.connect(db_uri(path, "ro"), uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        for (text,) in conn.execute("SELECT record FROM task"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(text)
+                if isinstance(record, dict) and TASK_ID_RE.fullmatch(str(record["taskId"])):
+                    yield Store._row(record, manifest=record.get("status") in (DONE, FAILED))
+    except sqlite3.Error:
+        return
+    finally:
+        conn.close()
+
+
+def set_aside_planted(path):
+    """Whatever stands where the store keeps a file of its own and is not a
+    regular file (a link, a folder, a FIFO) is renamed aside, never followed."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        kept = "%s.planted-%d" % (path, time.time_ns())
+        os.rename(path, kept)
+        log_event("store-entry-moved", level=logging.ERROR, path=path, kept=kept,
+                  reason="not a regular file (a link?)")
+
+
+class OwnerLock:
+    """<dir>/cover_receiver.lock, locked by the process doing <dir>'s work:
+    serve for its life, a command with no serve running for its run (the OS
+    drops it with the process, also on kill -9). Never a POSIX lock on the
+    database file: closing any other descriptor of that file would drop
+    SQLite's own locks (SQLite, "How To Corrupt An SQLite Database File")."""
+
+    REGION = 128                # the locked byte; Windows cannot read a locked one
+
+    def __init__(self, root):
+        self.path = os.path.join(root, LOCK_NAME)
+        self.fd = None
+
+    def take(self, who, wait=False):
+        """Hold the lock as who ("serve", or a command); False when held."""
+        set_aside_planted(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | Platform.NO_LINK | Platform.NO_WAIT,
+                     0o644)
         try:
-            if is_folder:
-                return self._read_in(self.root + os.sep + task_id, task_id)
-            return self.read(task_id)
-        except CorruptRecord as exc:
-            return {"taskId": task_id, "status": CORRUPT, "error": str(exc)}
-
-    # -- accepting a callback ------------------------------------------------
-
-    def accept(self, callback, confirm=False):
-        """Make callback durable. Returns ("received" | "duplicate", record).
-        With confirm, a success callback's task is held as expected for
-        record-info to confirm (_held); else it is delivered (_delivered).
-        No answer may leave before what it reports is durable, on any path."""
-        try:
-            known = self._done(callback.task_id)
-            if known:
-                return "duplicate", known
-            fresh = functools.partial(
-                self._held if confirm and callback.code == 200 else self._delivered, callback)
-            record = fresh(None)
-            if self._create(callback.task_id, record):
-                return "received", record
-            return self._accept_again(callback.task_id, fresh)
-        except OSError as exc:
-            raise Unavailable("cannot record the task durably: %s" % os_reason(exc)) from exc
-
-    def _delivered(self, callback, record):
-        """The record a delivery makes of record (None: no task yet), or None
-        when it brings nothing new (a duplicate)."""
-        if record is None:
-            return new_record(callback, self.hooks)
-        if record["status"] == EXPECTED:
-            return new_record(callback, self.hooks, expected=record)
-        if record["status"] == FAILED and callback.code == 200:
-            reopen_record(record, callback)
-            return record
-        return None
-
-    @staticmethod
-    def _held(callback, record):
-        """--confirm: a success callback makes its task expected, due at
-        record-info now; the body's image list is never kept."""
-        now = time.time()
-        if record is None or record["status"] == FAILED:
-            held = new_expected_record(callback.task_id, (record or {}).get("parentTaskId"), now)
-            held["poll"] = new_poll(now)
-            return held
-        if record["status"] == EXPECTED and not record["poll"].get("confirmSince"):
-            record["poll"] = new_poll(now)
-            return record
-        return None
-
-    def expect(self, task_id, parent=None):
-        """Record a task created elsewhere as expected. Returns (created,
-        record); a known task is left as it is. Raises CorruptRecord."""
-        try:
-            record = self.read(task_id)
-            if record is None:
-                record = new_expected_record(task_id, parent)
-                if self._create(task_id, record):
-                    return True, record
-                record = self.read(task_id)
-            return False, record
-        except OSError as exc:
-            raise Unavailable("cannot record the task durably: %s" % os_reason(exc)) from exc
-
-    def note_poll(self, task_id, **fields):
-        """Keep an expected task's record-info schedule in its task.json."""
-        with self._record_locks.held(task_id):
-            record = self.read_or_none(task_id)
-            if record is None or record["status"] != EXPECTED:
+            os.lseek(fd, self.REGION, os.SEEK_SET)
+            if not Platform.lock(fd, wait):
+                os.close(fd)
                 return False
-            record["poll"].update(fields)
-            self._write(task_id, record)
-            return True
-
-    def end_expected(self, task_id, reason):
-        """An expected task that will get no images: failed, with its hand-off."""
-        with self._record_locks.held(task_id):
-            record = self.read_or_none(task_id)
-            if record is None or record["status"] != EXPECTED:
-                return None
-            record.update(status=FAILED, error=reason, hook=new_hook() if self.hooks else None)
-            self._write_marked(task_id, record)
-            return record
-
-    def _create(self, task_id, record):
-        """Two fsyncs: task.json in a hidden folder, then <dir> after the
-        folder is renamed into place. False when the task exists already."""
-        building, path = self._temp_name(self.tmp, NEW_PREFIX + task_id), self.task_dir(task_id)
-        os.mkdir(building)
-        try:
-            write_durably(os.path.join(building, "task.json"), encode_record(record))
-            os.rename(building, path)
-        except OSError:
-            shutil.rmtree(building, ignore_errors=True)
-            if os.path.lexists(path):
-                return False
+        except BaseException:
+            os.close(fd)
             raise
-        if self.index.mark_for(task_id, record):
-            self.index.sync()
-        self._sync_root.sync()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, ("%s %d\n" % (who, os.getpid())).ljust(self.REGION - 1).encode())
+        self.fd = fd
         return True
 
-    def _done(self, task_id):
-        """The record of a done task, read without a lock: done is final, so
-        its duplicate needs no write and no fsync, and is answered also by a
-        <dir> remounted read-only. (Seen before its writer's fsync returned,
-        a crash could only take it back to pending, which start-up finishes
-        by adopting the saved covers.)"""
+    def holder(self):
+        """What the lock file says holds it: "serve 1234", or ""."""
         try:
-            record = self.read(task_id)
-        except CorruptRecord:
-            return None
-        return record if record is not None and record["status"] == DONE else None
-
-    def _accept_again(self, task_id, fresh):
-        """A delivery for a task whose folder exists: fresh(record) is what
-        to write, or None for a duplicate."""
-        with self._record_locks.held(task_id):
-            record = self._read_or_set_aside(task_id)
-            if record is None:                  # a folder without a record: start it anew
-                self._sweep(task_id)
-            changed = fresh(record)
-            if changed is None:
-                # Another delivery may still be inside its fsync, or its fsync
-                # failed: make what we are about to report durable ourselves.
-                self.index.mark_for(task_id, record)         # a crash before they were made
-                Platform.fsync_dir(self.task_dir(task_id))
-                self.index.sync()
-                self._sync_root.sync()
-                return "duplicate", record
-            self._write_marked(task_id, changed)
-            return "received", changed
-
-    def _read_or_set_aside(self, task_id):
-        """read(), but a corrupt folder or record is moved aside (kept for the
-        operator as <name>.corrupt-<ns>) and None returned: the delivery in
-        hand carries all a new record needs, and covers already saved under
-        their final names are adopted, not fetched again."""
+            fd = os.open(self.path, Platform.READ_FLAGS)
+        except OSError:
+            return ""
         try:
-            return self.read(task_id)
-        except CorruptRecord as exc:
-            folder = self.task_dir(task_id)
-            bad = folder if exc.whole_folder else os.path.join(folder, "task.json")
-            kept = "%s.corrupt-%d" % (bad, time.time_ns())
-            os.rename(bad, kept)
-            if exc.whole_folder:
-                os.mkdir(folder)
-            self._forget_corrupt(task_id)
-            log_event("record-repaired", task_id, logging.ERROR, reason=exc,
-                      kept=os.path.relpath(kept, self.root), note="started anew from this delivery")
-            return None
-
-    def reopen_failed(self, task_id):
-        """retry: make a failed task's failed images pending again. Returns
-        (reopened, record); record None when there is no such task. Raises
-        CorruptRecord."""
-        with self._record_locks.held(task_id):
-            record = self.read(task_id)
-            if record is None or record["status"] != FAILED or not record["images"]:
-                return False, record
-            reopen_record(record, None)
-            self._write_marked(task_id, record)
-            return True, record
-
-    # -- downloading one image -------------------------------------------------
-
-    @contextlib.contextmanager
-    def claim(self, task_id, index, abort):
-        """Hold image index of task_id for one downloader. Yields a Job, or
-        None when there is nothing left to do for it."""
-        while not self._image_locks.acquire(task_id, shared=True, wait=False):
-            if abort.wait(CLAIM_POLL):          # another process has it: wait for it
-                raise Aborted("stopping")
-        try:
-            record = self.read_or_none(task_id)
-            if record is None or index not in missing_images(record):
-                yield None
-                return
-            yield Job(record["images"][index], record["tries"][index],
-                      parse_utc(record["nextTryAt"][index]) or 0.0,
-                      saved_covers(self.task_dir(task_id)).get(index))
+            data = os.read(fd, self.REGION - 1)
+        except OSError:
+            return ""
         finally:
-            self._image_locks.release(task_id)
+            os.close(fd)
+        return data.decode("ascii", "replace").strip()
 
-    def save_cover(self, task_id, index, write):
-        """Run write(file) into a hidden temp file, then fsync and rename it to
-        cover_<n>.<ext>. write returns the detected extension. Returns (what
-        settle returns, bytes saved). A local failure (a full disk, a folder
-        it may not write) is a Retryable saying so."""
-        path = self._checked_dir(task_id, must_exist=True)
-        part = os.path.join(path, ".cover_%d.part" % (index + 1))
+    def probe(self):
+        """A real durable write in <dir> (/healthz): 512 bytes on new blocks
+        of the lock file, so a full disk fails it, then fsync."""
+        os.ftruncate(self.fd, self.REGION)
+        os.lseek(self.fd, 4096, os.SEEK_SET)
+        os.write(self.fd, b"\0" * PROBE_BYTES)
+        os.fsync(self.fd)
+
+    def release(self):
+        if self.fd is not None:
+            Platform.unlock(self.fd)
+            self.fd = None
+
+
+class TaskFolder:
+    """<dir>/<taskId>: its covers and, once it ended, its task.json. Each
+    file is written under a temp name, fsynced, renamed, and the folder
+    fsynced. No link is followed: not the folder (a link there is moved
+    aside) and not a file in it (O_NOFOLLOW; what stands in a temp name's
+    way is removed)."""
+
+    def __init__(self, root, task_id):
+        if not TASK_ID_RE.fullmatch(task_id):       # defence in depth: never leave <dir>
+            raise BadCallback("bad taskId")
+        self.path = os.path.join(root, task_id)
+
+    def make(self):
+        for _ in range(2):
+            try:
+                os.mkdir(self.path)
+            except FileExistsError:
+                if stat.S_ISDIR(os.lstat(self.path).st_mode):
+                    break
+                set_aside_planted(self.path)       # a link or a file: never followed
+            else:
+                break
+        return self
+
+    def saved_cover(self, index):
+        """The name of cover index saved under its final name, or None: a
+        cover renamed into place just before a crash is adopted."""
+        for ext in COVER_EXTS:
+            name = "cover_%d.%s" % (index + 1, ext)
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(os.path.join(self.path, name)).st_mode):
+                    return name
+        return None
+
+    def write(self, name, produce):
+        """produce(out) writes the file's bytes and returns its final name
+        (None: name); then fsync, rename, fsync of the folder."""
+        part = os.path.join(self.make().path, "." + name + ".part")
         try:
             out = FileOut(Platform.open_here(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             try:
-                ext = write(out)
+                name = produce(out) or name
                 os.fsync(out.fd)
             finally:
                 os.close(out.fd)
-            name = "cover_%d.%s" % (index + 1, ext)
-            final = os.path.join(path, name)
+            final = os.path.join(self.path, name)
             try:
                 Platform.retry_sharing(os.replace, part, final)
             except IsADirectoryError:   # a folder planted there: a rename cannot replace it
                 remove_entry(final)
                 os.replace(part, final)
-        except OSError as exc:
-            self._remove_part(part)
-            raise Retryable("cannot save cover_%d: %s" % (index + 1, os_reason(exc))) from None
-        except BaseException:
-            self._remove_part(part)
-            raise
-        # No fsync of the folder here: the record write that ends the task
-        # fsyncs it, which makes this rename durable too.
-        return self.end_if_saved(task_id), out.size
-
-    def end_if_saved(self, task_id):
-        """After a cover's rename: end the task if every image it still misses
-        is saved. So task.json is written once per task (two fsyncs, which
-        make each cover's rename durable too), not once per image: until then
-        it need not list a saved cover, as one under its final name is
-        adopted after a crash, not fetched again. Each saver renames before it
-        looks, and a failure writes before it looks (settle), so the last one
-        to finish always sees every other's work. Returns what settle() does."""
-        record = self.read_or_none(task_id)
-        missing = missing_images(record) if record else []
-        saved = saved_covers(self.task_dir(task_id)) if missing else {}
-        if not missing or not set(missing) <= set(saved):
-            return None
-        return self.settle(task_id, missing[0], name=saved[missing[0]], saved=saved)
-
-    def settle(self, task_id, index, name=None, error=None, tries=None, saved=None):
-        """Record image index as saved (name) or failed for good (error, after
-        tries). saved: saved_covers() just now (covers are only ever added
-        while a task is pending). Returns the task's new status when this
-        ended the task, else None."""
-        def change(record):
-            record["files"][index], record["errors"][index] = name, error
-            record["nextTryAt"][index] = None
-            record["tries"][index] = record["tries"][index] if tries is None else tries
-            if missing_images(record):
-                return None
-            failed = [e for e in record["errors"] if e]
-            record["status"] = FAILED if failed else DONE
-            record["error"] = "; ".join(failed) if failed else None
-            record["hook"] = new_hook() if self.hooks else None
-            return record["status"]
-        ended = self._update(task_id, index, change, saved)
-        if error is not None and ended is None:     # a cover saved meanwhile left it to us
-            ended = self.end_if_saved(task_id)
-        return ended
-
-    def postpone(self, task_id, index, reason, tries, due):
-        """Image index failed a try for a passing reason: try again at due."""
-        def change(record):
-            record["tries"][index], record["lastError"][index] = tries, reason
-            record["nextTryAt"][index] = utc_now(due)
-        self._update(task_id, index, change)
-
-    # -- the hand-off ------------------------------------------------------------
-
-    def update_hook(self, task_id, **fields):
-        """Record one hook run (or a retry --hook) in the task's record. Returns
-        the new hook, or None when the task has no hook to run any more."""
-        with self._record_locks.held(task_id):
-            record = self.read_or_none(task_id)
-            if record is None or not record.get("hook"):
-                return None
-            record["hook"].update(fields)
-            self._write(task_id, record)
-            if record["hook"]["status"] == DONE:
-                self.index.unmark(task_id, HOOK_MARK)
-            return record["hook"]
-
-    def hook_work(self, known=()):
-        """(hooks to run as [(taskId, due, endedAt, tries)] in unix times,
-        taskIds whose hook failed), from the hook markers."""
-        work, failed = [], set()
-        for task_id in self.index.marked(HOOK_MARK):
-            record = None if task_id in known else self.read_or_none(task_id)
-            state = hook_state(record) if record else None
-            if state == PENDING:
-                hook = record["hook"]
-                work.append((task_id, parse_utc(hook["nextTryAt"]) or 0.0,
-                             parse_utc(hook["endedAt"]) or 0.0, hook["tries"]))
-            elif state == FAILED:
-                failed.add(task_id)
-            elif record is not None:            # done, or reopened since
-                self.index.unmark(task_id, HOOK_MARK)
-        return work, failed
-
-    # -- start-up --------------------------------------------------------------
-
-    def recover(self, expected=None):
-        """Start-up sweep: remove what dead writers left (temp folders and
-        files, 1.3's lock files), take over an older layout once, and return the
-        pending work as pending_jobs() gives it. It lists .tmp, .locks and
-        .index, never <dir> itself (but for the one take-over)."""
-        for name in os.listdir(self.tmp):
-            self._never_fatal(name, remove_entry, os.path.join(self.tmp, name))
-        for name in os.listdir(self.locks):
-            self._never_fatal(name, self._remove_stale_lock, name)
-        if not self.index.migrated():
-            self._migrate()
-        for task_id in self.index.marked():
-            self._never_fatal(task_id, self._sweep_locked, task_id)
-        return self.pending_work(expected=expected)
-
-    def _remove_stale_lock(self, name):
-        """A lock file of 1.3 or older (one per task, present while held)
-        that no process holds."""
-        if name == SERVE_LOCK or TaskLocks.owns(name):
-            return
-        lock = LockFile(os.path.join(self.locks, name))
-        if lock.acquire(wait=False):
-            lock.release()
-            remove_entry(lock.path)
-
-    def _sweep_locked(self, task_id):
-        with self._record_locks.held(task_id):
-            with contextlib.suppress(CorruptRecord):    # pending_work() notes it
-                self._sweep(task_id)
-
-    @staticmethod
-    def _never_fatal(name, action, *args):
-        """Start-up goes on past one entry it cannot clean (a root-owned folder)."""
-        try:
-            action(*args)
-        except OSError as exc:
-            log_event("sweep-failed", level=logging.ERROR, entry=name, reason=os_reason(exc))
-
-    def pending_work(self, known=(), expected=None):
-        """pending_jobs() of the pending tasks not in known, and the records
-        of expected ones appended to expected; markers of tasks that ended
-        are removed, those of corrupt tasks kept."""
-        work = []
-        for task_id in self.index.marked():
-            if task_id in known:
-                continue
-            try:
-                record = self.read(task_id)
-            except CorruptRecord as exc:
-                self.note_corrupt(task_id, exc)
-                continue
-            if record is None or record["status"] not in UNFINISHED:
-                self.index.unmark(task_id, PENDING_MARK)
-                self._forget_corrupt(task_id)
-            elif record["status"] == EXPECTED and expected is not None:
-                expected.append(record)
-            work += pending_jobs(record)
-        return work
-
-    # -- internals ---------------------------------------------------------------
-
-    def _checked_dir(self, task_id, must_exist=False):
-        """The task's folder if it is a real folder; None when absent (or
-        FileNotFoundError with must_exist). Raises CorruptRecord for anything
-        else there: a link is never followed out of <dir>."""
-        path = self.task_dir(task_id)
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            if must_exist:
-                raise
-            return None
-        if stat.S_ISLNK(info.st_mode):
-            raise CorruptRecord("the task folder is a link", whole_folder=True)
-        if not stat.S_ISDIR(info.st_mode):
-            raise CorruptRecord("the task folder is not a folder", whole_folder=True)
-        return path
-
-    def read_or_none(self, task_id):
-        """read(), a corrupt record noted and taken as none."""
-        try:
-            return self.read(task_id)
-        except CorruptRecord as exc:
-            self.note_corrupt(task_id, exc)
-            return None
-
-    def _update(self, task_id, index, change, saved=None):
-        with self._record_locks.held(task_id):
-            record = self.read_or_none(task_id)
-            if record is None or record["status"] != PENDING or index >= len(record["files"]):
-                return None
-            if saved is None:
-                saved = saved_covers(self.task_dir(task_id))
-            for adopted, name in saved.items():
-                if adopted in missing_images(record):   # renamed since the last write
-                    record["files"][adopted] = name
-            ended = change(record)
-            marked = ended and self.index.mark_for(task_id, record)   # before the write
-            self._write(task_id, record)
-            if ended:
-                if marked:
-                    self.index.sync()         # durable before the pending mark goes
-                self.index.unmark(task_id, PENDING_MARK)
-            return ended
-
-    def _write_marked(self, task_id, record):
-        """_write() a record that a callback, retry or recovery changed. The
-        pending mark comes first, so a crash mid-write leaves a task that
-        start-up sweeps; the marks the new record does not need go after."""
-        self.index.mark(task_id, PENDING_MARK)
-        self.index.mark_for(task_id, record)
-        self._write(task_id, record)
-        if record["status"] not in UNFINISHED:
-            self.index.unmark(task_id, PENDING_MARK)
-        if record["status"] != FAILED:
-            self.index.unmark(task_id, FAILED_MARK)
-        if hook_state(record) is None:          # reopened: its old hand-off is moot
-            self.index.unmark(task_id, HOOK_MARK)
-        self.index.sync()
-
-    def _temp_name(self, folder, prefix):
-        return os.path.join(folder, "%s.%d.%d" % (prefix, self._pid, next(self._serial)))
-
-    def _sweep(self, task_id):
-        """Remove temp files nobody is writing (caller holds the task lock)."""
-        path = self._checked_dir(task_id)
-        if path is None:
-            return
-        parts = []
-        for entry in os.scandir(path):
-            if entry.name.startswith(".task.json."):
-                remove_entry(entry.path)
-            elif entry.name.startswith(".cover_") and entry.name.endswith(".part"):
-                parts.append(entry.path)
-        if parts and self._image_locks.acquire(task_id, wait=False):   # else a live
-            for part in parts:                                          # downloader owns them
-                self._remove_part(part)
-            self._image_locks.release(task_id)
-
-    @staticmethod
-    def _remove_part(part):
-        with contextlib.suppress(OSError):
-            remove_entry(part)
-
-    def _write(self, task_id, record):
-        """Atomic replace: temp file, fsync, rename, fsync of the folder."""
-        path = self._checked_dir(task_id, must_exist=True)
-        record["updatedAt"] = utc_now()
-        tmp = self._temp_name(path, ".task.json")
-        try:
-            write_durably(tmp, encode_record(record))
-            Platform.retry_sharing(os.replace, tmp, os.path.join(path, "task.json"))
+            Platform.fsync_dir(self.path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                remove_entry(part)
             raise
-        Platform.fsync_dir(path)
+        return name, out.size
 
-    def _migrate(self):
-        """Once: take over 1.2's markers in <dir> (and 1.0's .pending/ folder),
-        remove its temp entries, and mark every failed task by reading each
-        record. The one time <dir> itself is listed; .migrated ends it."""
-        names = os.listdir(self.root)
-        tasks = sum(1 for name in names if TASK_ID_RE.fullmatch(name))
-        if tasks:
-            log_event("index-migrating", tasks=tasks, note="once: reads every task.json")
-        legacy = os.path.join(self.root, LEGACY_PENDING_DIR)
-        if os.path.isdir(legacy) and not os.path.islink(legacy):
-            names += [".pending." + n for n in os.listdir(legacy)]
-        for name in names:
-            prefix = next((p for p in LEGACY_PREFIXES if name.startswith(p)), None)
-            if prefix and TASK_ID_RE.fullmatch(name[len(prefix):]):
-                self.index.mark(name[len(prefix):], LEGACY_PREFIXES[prefix])
-            elif TASK_ID_RE.fullmatch(name):
-                record = self.read_or_none(name)
-                if record is not None:
-                    self.index.mark_for(name, record)
-        self.index.sync()
-        for name in names:
-            if name.startswith(tuple(LEGACY_PREFIXES) + LEGACY_TEMP):
-                self._never_fatal(name, remove_entry, os.path.join(self.root, name))
-        shutil.rmtree(legacy, ignore_errors=True)
-        write_durably(os.path.join(self.index.path, MIGRATED), b"")
-        self.index.sync()
-
-
-class TaskIndex:
-    """<dir>/.index: an empty file per task that is not done, named
-    <mark>.<taskId> (pending, failed, hook), so that what is unfinished is
-    listed without listing the years of finished tasks in <dir>. The record
-    is the truth and a mark a hint: a mark is made before the record write
-    that needs it (then sync()) and removed after the one that ends it."""
-
-    def __init__(self, path):
-        self.path = path
-        self._sync = SharedSync(path)
-
-    def marked(self, mark=PENDING_MARK):
-        """The taskIds with that mark (a listing of .index only)."""
-        prefix = mark + "."
-        return sorted(n[len(prefix):] for n in os.listdir(self.path) if n.startswith(prefix)
-                      and TASK_ID_RE.fullmatch(n[len(prefix):]))
-
-    def count(self, mark):
-        try:
-            return len(self.marked(mark))
-        except OSError:
-            return 0
-
-    def migrated(self):
-        """Whether the index holds every task not done (1.2's layout taken over)."""
-        return os.path.exists(os.path.join(self.path, MIGRATED))
-
-    def mark(self, task_id, mark):
-        """The caller syncs, which makes the mark durable."""
-        os.close(Platform.open_here(self._entry(task_id, mark), os.O_WRONLY | os.O_CREAT))
-
-    def unmark(self, task_id, mark):
-        with contextlib.suppress(FileNotFoundError):
-            remove_entry(self._entry(task_id, mark))
-
-    def mark_for(self, task_id, record):
-        """Make the marks record needs (the caller syncs); True when it needs any."""
-        marks = [mark for mark, needed in (
-            (PENDING_MARK, record["status"] in UNFINISHED), (FAILED_MARK, record["status"] == FAILED),
-            (HOOK_MARK, hook_state(record) in (PENDING, FAILED))) if needed]
-        for mark in marks:
-            self.mark(task_id, mark)
-        return bool(marks)
-
-    def sync(self):
-        self._sync.sync()
-
-    def _entry(self, task_id, mark):
-        return os.path.join(self.path, "%s.%s" % (mark, task_id))
-
-
-class SharedSync:
-    """fsync of one folder, shared by the threads that need it at once (group
-    commit). A caller needs an fsync that began after its own change. It
-    starts one at once unless two are running (so one slow fsync never holds
-    back the next caller), else it waits, and the next fsync then serves
-    every caller that came meanwhile: eight callbacks arriving together cost
-    about three fsyncs, not eight. A failed fsync serves nobody: those who
-    waited on it need a newer one."""
-
-    MAX_RUNNING = 2
-
-    def __init__(self, path):
-        self.path = path
-        self._cond = threading.Condition()
-        self._started = self._synced = self._failed = 0     # generations: begun, newest ok, newest failed
-        self._running = 0
-
-    def sync(self):
-        with self._cond:
-            needed = self._started + 1          # one that begins after this change
-            while self._synced < needed:
-                if self._failed >= needed:
-                    needed = self._started + 1  # what served us failed: a newer one
-                if self._started >= needed or self._running >= self.MAX_RUNNING:
-                    self._cond.wait()
-                    continue
-                self._started += 1
-                self._run(self._started)
-
-    def _run(self, generation):
-        """Called and returning with the condition held."""
-        self._running += 1
-        self._cond.release()
-        ok = False
-        try:
-            Platform.fsync_dir(self.path)
-            ok = True
-        finally:
-            self._cond.acquire()
-            self._running -= 1
-            if ok:
-                self._synced = max(self._synced, generation)
-            else:
-                self._failed = max(self._failed, generation)
-            self._cond.notify_all()
-
-
-class LockFile:
-    """An exclusive lock shared by threads and processes, on a file that
-    stays. flock and msvcrt.locking locks belong to one open file, so two
-    threads exclude each other as two processes do, and the OS drops the
-    lock with its process, also on kill -9."""
-
-    def __init__(self, path):
-        self.path, self.fd = path, None
-
-    def acquire(self, wait=True):
-        fd = Platform.open_here(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            locked = Platform.lock(fd, wait)
-        except BaseException:
-            os.close(fd)
-            raise
-        if locked:
-            self.fd = fd
-        else:
-            os.close(fd)
-        return locked
-
-    def release(self):
-        fd, self.fd = self.fd, None
-        Platform.unlock(fd)
-
-
-class LockBucket:
-    """One of TaskLocks' lock files, locked while any thread of this process
-    holds a task that hashes to it."""
-
-    def __init__(self, path):
-        self.file, self.holders = LockFile(path), 0
-        self.turn = threading.Lock()    # one thread at a time locks the file
-
-    def join(self, wait):
-        with self.turn:
-            if not self.holders and not self.file.acquire(wait):
-                return False
-            self.holders += 1
-            return True
-
-    def leave(self):
-        with self.turn:
-            self.holders -= 1
-            if not self.holders:
-                self.file.release()
-
-
-class TaskLocks:
-    """Locks by taskId for the processes sharing a <dir> (serve, fetch,
-    retry), on a fixed set of lock files made once and never deleted:
-    .locks/<kind>-<n>, n = crc32(taskId) mod LOCK_BUCKETS (hash() differs
-    between processes). A lock file made and deleted per task cost a
-    catch-up a tenth of its pace (bench/README.md). In this process each
-    taskId is held on its own, exclusively or shared, so threads on two
-    tasks never wait for each other; across processes a task's bucket is
-    what they take turns on. No thread waits for one of these locks while it
-    holds another of the same kind, so a shared bucket cannot deadlock."""
-
-    def __init__(self, folder, kind):
-        self._buckets = [LockBucket(os.path.join(folder, "%s-%d" % (kind, n)))
-                         for n in range(LOCK_BUCKETS)]
-        self._holders = {}              # taskId -> threads holding it here (-1: exclusive)
-        self._changed = threading.Condition()
-
-    @staticmethod
-    def owns(name):
-        """Whether name in .locks is one of the lock files of some TaskLocks."""
-        kind, _, n = name.partition("-")
-        return kind in LOCK_KINDS and n.isdigit() and int(n) < LOCK_BUCKETS
-
-    @contextlib.contextmanager
-    def held(self, task_id):
-        self.acquire(task_id)
-        try:
-            yield
-        finally:
-            self.release(task_id)
-
-    def acquire(self, task_id, shared=False, wait=True):
-        """Hold task_id; False when wait is False and it is held elsewhere."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._free(task_id, shared),
-                                          None if wait else 0):
-                return False
-            self._holders[task_id] = self._holders.get(task_id, 0) + 1 if shared else -1
-        joined = False
-        try:
-            joined = self._bucket(task_id).join(wait)
-        finally:
-            if not joined:
-                self._let_go(task_id)
-        return joined
-
-    def release(self, task_id):
-        self._bucket(task_id).leave()
-        self._let_go(task_id)
-
-    def _free(self, task_id, shared):
-        holders = self._holders.get(task_id, 0)
-        return holders == 0 or (shared and holders > 0)
-
-    def _bucket(self, task_id):
-        return self._buckets[zlib.crc32(task_id.encode()) % LOCK_BUCKETS]
-
-    def _let_go(self, task_id):
-        with self._changed:
-            holders = self._holders.pop(task_id)
-            if holders > 1:
-                self._holders[task_id] = holders - 1
-            self._changed.notify_all()
-
-
-def open_store(config):
-    """The store for --dir, created and proven writable, or a UsageError."""
-    store = TaskStore(config.dir, hooks=bool(config.on_complete))
-    try:
-        store.prepare()
-    except OSError as exc:
-        raise UsageError("--dir %s is not writable: %s"
-                         % (config.dir, exc.strerror or exc)) from None
-    return store
-
-
-def own_folder(path):
-    """Make the store's own folder at path; whatever else stands there (a
-    link, never followed; a file) is removed first and logged."""
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            log_event("store-entry-removed", level=logging.ERROR, path=path,
-                      reason="not a folder (a link?)")
-            remove_entry(path)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path)
-
-
-def existing_store(config):
-    """The store for --dir of a command that only acts on tasks already there:
-    a misspelt --dir is a usage error, never a new empty folder."""
-    if not os.path.isdir(config.dir):
-        raise UsageError("--dir %s does not exist" % config.dir)
-    return open_store(config)
-
-
-class RequestBox:
-    """How retry hands work to a serve running on the same <dir>, on every
-    platform. serve holds <dir>/.locks/.serve locked while it runs (the OS
-    drops the lock with the process, also on kill -9), which is how retry
-    knows it is alive. retry then leaves one empty file per task in
-    <dir>/.requests, named <kind>.<taskId>; serve lists that folder, almost
-    always empty, five times a second (and at once on SIGHUP), does the work
-    with its own settings and as its own user, and removes the file. So
-    only serve writes task files, and they keep the service's owner."""
-
-    def __init__(self, store):
-        self.folder = os.path.join(store.root, REQUESTS_DIR)
-        self._lock = LockFile(os.path.join(store.locks, SERVE_LOCK))
-
-    def open(self):
-        """serve: make the folder and hold the lock (a second serve on the
-        same <dir> takes requests too, without the lock)."""
-        own_folder(self.folder)
-        if not self._lock.acquire(wait=False):
-            log_event("second-serve", level=logging.WARNING, dir=os.path.dirname(self.folder),
-                      note="another serve runs on this folder; both take its work")
-
-    def close(self):
-        if self._lock.fd is not None:
-            self._lock.release()
-
-    def serve_running(self):
-        """True when a serve holds the lock and has made the folder."""
-        probe = LockFile(self._lock.path)
-        if probe.acquire(wait=False):
-            probe.release()
-            return False
-        return os.path.isdir(self.folder)
-
-    def post(self, kind, task_id, content=b""):
-        fd = Platform.open_here(self._path(kind, task_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                                0o644)
-        try:
-            os.write(fd, content)
-        finally:
-            os.close(fd)
-
-    def content(self, kind, task_id):
-        """What a request holds (expect: the parent taskId), b"" when unreadable."""
-        try:
-            return read_regular_file(self._path(kind, task_id), 200)
-        except (OSError, CorruptRecord):
-            return b""
-
-    def waiting(self, kind, task_id):
-        return os.path.lexists(self._path(kind, task_id))
-
-    def take(self):
-        """serve: the requests left, as (kind, taskId, done) where done()
-        removes the request once its work is in hand."""
-        try:
-            names = os.listdir(self.folder)
-        except OSError:
-            return []
-        taken = []
-        for name in names:
-            kind, _, task_id = name.partition(".")
-            done = functools.partial(self._remove, os.path.join(self.folder, name))
-            if kind in REQUEST_KINDS and TASK_ID_RE.fullmatch(task_id):
-                taken.append((kind, task_id, done))
-            else:
-                done()                  # not ours: never acted on
-        return taken
-
-    def _path(self, kind, task_id):
-        if not TASK_ID_RE.fullmatch(task_id):
-            raise BadCallback("bad taskId")
-        return os.path.join(self.folder, "%s.%s" % (kind, task_id))
-
-    @staticmethod
-    def _remove(path):
-        with contextlib.suppress(OSError):
-            remove_entry(path)
+    def sweep(self):
+        """Remove the temp files a crash left (the task has ended: none is
+        live), 1.x's included: every hidden entry."""
+        with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    remove_entry(entry.path)
 
 
 class FileOut:
@@ -2131,18 +1608,70 @@ class FileOut:
         self.size += len(data)
 
 
-def write_durably(path, data):
-    """Create path holding data and fsync it."""
-    out = FileOut(Platform.open_here(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+def open_store(config):
+    """The store for --dir (created, and a 1.x folder imported), or a UsageError."""
     try:
-        out.write(data)
-        os.fsync(out.fd)
-    finally:
-        os.close(out.fd)
+        os.makedirs(config.dir, exist_ok=True)
+        store = Store(config.dir)
+        try:
+            if store.fresh:
+                import_1x(store)
+        except BaseException:
+            store.close()
+            raise
+        return store
+    except (OSError, sqlite3.OperationalError) as exc:
+        raise UsageError("--dir %s is not writable: %s" % (config.dir, os_reason(exc)
+                                                           if isinstance(exc, OSError) else exc))
+
+
+def import_1x(store):
+    """First start on a folder of 1.x: every <taskId>/task.json becomes a row
+    (schedule, hook and poll state included), in one transaction, so a kill
+    midway imports it all again; then 1.4's .index, .locks, .tmp and
+    .requests go. A record that fails its checks is kept aside as
+    task.json.corrupt-<ns> and its task listed as corrupt."""
+    rows, corrupt = [], 0
+    with os.scandir(store.root) as entries:
+        folders = [e.name for e in entries if TASK_ID_RE.fullmatch(e.name)
+                   and e.is_dir(follow_symlinks=False)]
+    for task_id in folders:
+        try:
+            record = read_record(os.path.join(store.root, task_id, "task.json"), task_id)
+        except FileNotFoundError:
+            continue
+        except CorruptRecord as exc:
+            corrupt += 1
+            record = {"taskId": task_id, "status": CORRUPT, "error": str(exc), "files": []}
+            log_event("record-corrupt", task_id, logging.ERROR, reason=exc,
+                      note="kept aside; a new delivery of the task starts it anew")
+            with contextlib.suppress(OSError):
+                path = os.path.join(store.root, task_id, "task.json")
+                os.rename(path, "%s.corrupt-%d" % (path, time.time_ns()))
+        rows.append(Store._row(record, manifest=False))
+    if rows:
+        store.write(lambda: store._insert_rows(rows))
+        log_event("imported", tasks=len(rows), corrupt=corrupt, note="1.x task.json records")
+    for name in LEGACY_ENTRIES:
+        with contextlib.suppress(FileNotFoundError):
+            remove_entry(os.path.join(store.root, name))
+
+
+def read_record(path, task_id):
+    """A 1.x task.json, checked as untrusted input (CorruptRecord says why)."""
+    data = read_regular_file(path, MAX_RECORD_BYTES)
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CorruptRecord("task.json is not JSON") from None
+    problem = record_problem(record, task_id)
+    if problem:
+        raise CorruptRecord("task.json " + problem)
+    return record
 
 
 # ---------------------------------------------------------------------------
-# Records: task.json built, checked and read out
+# Records: built, checked, changed and read out
 # ---------------------------------------------------------------------------
 
 def encode_record(record):
@@ -2270,20 +1799,6 @@ def image_lists_problem(record):
     return None
 
 
-def saved_covers(folder):
-    """{index: name} of the covers saved under their final names in folder:
-    regular files only (a link is not followed), the first extension in
-    COVER_EXTS order when there are two."""
-    found = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            match = COVER_NAME.fullmatch(entry.name)
-            if match and entry.is_file(follow_symlinks=False):
-                found.setdefault(int(match.group(1)) - 1, []).append(match.group(2))
-    return {index: "cover_%d.%s" % (index + 1, min(exts, key=COVER_EXTS.index))
-            for index, exts in found.items()}
-
-
 def reopen_record(record, callback):
     """Make a failed task pending again for its missing images: a success
     callback brings (possibly fresher) URLs; retry (callback None) keeps them."""
@@ -2304,32 +1819,6 @@ def missing_images(record):
         return []
     return [i for i, (name, error) in enumerate(zip(record["files"], record["errors"]))
             if name is None and error is None]
-
-
-def pending_jobs(record):
-    """The record's images still to download, as DownloadQueue jobs
-    (taskId, index, due, tries, received): due is the unix time of its
-    scheduled next try, received the task's."""
-    received = parse_utc(record["receivedAt"]) or 0.0
-    return [(record["taskId"], i, parse_utc(record["nextTryAt"][i]) or 0.0,
-             record["tries"][i], received) for i in missing_images(record)]
-
-
-def task_result(store, task_id):
-    """(word, detail) for a task's record: done, failed, pending or corrupt."""
-    try:
-        record = store.read(task_id)
-    except CorruptRecord as exc:
-        return CORRUPT, str(exc)
-    if record is None:
-        return "error", "no task %s in %s" % (task_id, store.root)
-    if record["status"] == DONE:
-        return "done", "%d covers in %s" % (len(record["files"]), store.task_dir(task_id))
-    if record["status"] == FAILED:
-        return "failed", record.get("error") or "failed"
-    if record["status"] == EXPECTED:
-        return EXPECTED, task_reason(record)
-    return "pending", task_reason(record) or "downloads unfinished"
 
 
 def task_reason(record):
@@ -2378,6 +1867,109 @@ def hook_reason(record):
     when = "; next try %s" % hook["nextTryAt"] if hook.get("nextTryAt") else ""
     return "%s after %d tries%s" % (hook.get("lastError") or "not run yet", hook["tries"], when)
 
+
+def accept(store, callback, confirm=False, hooks=False, wake=False):
+    """Make a delivery durable: ("received" | "duplicate", record). A done
+    task is final and its duplicate needs no write (so it is answered also
+    from a <dir> remounted read-only); anything else is decided and written
+    in one transaction, which has committed before this returns."""
+    def decide():
+        record = store.get(callback.task_id)
+        if record is not None and record["status"] == CORRUPT:
+            record = None                   # a corrupt import: this delivery starts it anew
+        fresh = (held if confirm and callback.code == 200 else delivered)(callback, record, hooks)
+        if fresh is None:
+            return "duplicate", record
+        store.put(fresh, wake=wake, manifest=fresh["status"] in (DONE, FAILED))
+        return "received", fresh
+    try:
+        known = store.read(callback.task_id)
+        if known is not None and known["status"] == DONE:
+            return "duplicate", known
+        return store.write(decide)
+    except sqlite3.Error as exc:
+        raise Unavailable("cannot record the task durably: %s" % db_reason(exc)) from None
+
+
+def delivered(callback, record, hooks):
+    """The record a delivery makes of record (None: no task yet), or None
+    when it brings nothing new (a duplicate)."""
+    if record is None:
+        return new_record(callback, hooks)
+    if record["status"] == EXPECTED:
+        return new_record(callback, hooks, expected=record)
+    if record["status"] == FAILED and callback.code == 200:
+        reopen_record(record, callback)
+        return record
+    return None
+
+
+def held(callback, record, hooks):
+    """--confirm: a success callback makes its task expected, due at
+    record-info now; the body's image list is never kept."""
+    now = time.time()
+    if record is None or record["status"] == FAILED:
+        kept = new_expected_record(callback.task_id, (record or {}).get("parentTaskId"), now)
+        kept["poll"] = new_poll(now)
+        return kept
+    if record["status"] == EXPECTED and not record["poll"].get("confirmSince"):
+        record["poll"] = new_poll(now)
+        return record
+    return None
+
+
+def expect(store, task_id, parent=None):
+    """Record a task created elsewhere as expected: (created, record); a
+    known task is left as it is. serve schedules its polls (wake)."""
+    def run():
+        record = store.get(task_id)
+        if record is not None and record["status"] != CORRUPT:
+            return False, record
+        record = new_expected_record(task_id, parent)
+        store.put(record, wake=True)
+        return True, record
+    return store.write(run)
+
+
+def reopen_failed(store, task_id):
+    """retry: a failed task's failed images pending again, for serve (wake)."""
+    def reopen(record):
+        if record is None or record["status"] != FAILED or not record["images"]:
+            return None
+        reopen_record(record, None)
+        return record
+    return store.change(task_id, reopen, wake=True, manifest=False)
+
+
+def rerun_hook(store, task_id):
+    """retry --hook: a failed hook due again now, for serve (wake)."""
+    def rerun(record):
+        if record is None or hook_state(record) != FAILED:
+            return None
+        record["hook"].update(status=PENDING, nextTryAt=None)
+        return record
+    return store.change(task_id, rerun, wake=True)
+
+
+def task_result(store, task_id):
+    """(word, detail) for a task's record: done, failed, pending or corrupt."""
+    record = store.read(task_id)
+    if record is None:
+        return "error", "no task %s in %s" % (task_id, store.root)
+    if record["status"] == DONE:
+        return "done", "%d covers in %s" % (len(record["files"]),
+                                            os.path.join(store.root, task_id))
+    if record["status"] in (FAILED, CORRUPT):
+        return record["status"], record.get("error") or "failed"
+    if record["status"] == EXPECTED:
+        return EXPECTED, task_reason(record)
+    return "pending", task_reason(record) or "downloads unfinished"
+
+
+def db_reason(exc):
+    """An OSError or sqlite3.Error as a short line."""
+    return os_reason(exc) if isinstance(exc, OSError) else "%s: %s" % (
+        type(exc).__name__, escape(exc, 120))
 
 # ---------------------------------------------------------------------------
 # Downloads: policy, vetted connections, streaming
@@ -2733,453 +2325,377 @@ def _network_reason(exc):
 
 
 # ---------------------------------------------------------------------------
-# Workers: the due-time schedule, the download queue, the hook runner
+# Scheduler: every kind of due work on one queue, one retry rule
 # ---------------------------------------------------------------------------
 
-class DueHeap:
-    """Work due at monotonic times, taken in time order by worker threads:
-    the schedule that the download queue and the hook runner share. An item
-    (with .key and .due) is queued once; take() moves it to running, and
-    finish() puts it back when it is due again. One condition wakes takers
-    (new work, stopping) and waiters (work finished)."""
+@dataclasses.dataclass
+class WorkItem:
+    """Work due for a task at a time: an image's next try ("image", with its
+    index), the task's end (its task.json, then its hook: "end"), or a
+    record-info poll of an expected task ("poll"). Times are monotonic; the
+    record keeps them as wall-clock times, so a restart resumes them."""
+    kind: str
+    task_id: str
+    index: int
+    due: float
+    deadline: float             # --retry-for (--hook-retry-for) after it began
+    tries: int
 
-    def __init__(self, clock):
-        self.clock = clock
-        self.lock = threading.Condition()
-        self.queued, self.running = {}, {}          # key -> item
-        self._heap, self._serial, self.stopping = [], itertools.count(), False
+    @property
+    def key(self):
+        return self.kind, self.task_id, self.index
+
+
+class Scheduler:
+    """One due-time queue for every kind of work (a heap per kind, so a
+    kind at its limit never holds back another), worked by one pool of
+    threads: at most `limits[kind]` items of a kind at once. A handler
+    returns None when its item is finished, else the seconds until its next
+    try; retry() gives that delay after a failure, for every kind: about 1 s
+    doubling to --max-backoff, times 0.5 to 1, Retry-After honoured, None
+    past the item's deadline. A waiting item holds no thread."""
+
+    def __init__(self, config, handlers, limits, clock=Clock, keep_retries=True):
+        self.handlers, self.limits, self.clock = handlers, limits, clock
+        self.keep_retries = keep_retries        # False: one try each (retry with no serve)
+        self.backoff = Backoff(config.backoff_base, config.max_backoff)
+        self.cond = threading.Condition()
+        self.heaps = {kind: [] for kind in limits}
+        self.queued, self.running = {}, {}      # key -> item
+        self.busy = collections.Counter()
+        self.stopping = False
+        self._serial = itertools.count()
+        self.threads = [threading.Thread(target=self._work, name="worker", daemon=True)
+                        for _ in range(sum(limits.values()))]
 
     def from_wall(self, when, cap=None):
-        """A unix time read from disk as a monotonic one; with cap, never
-        further ahead than cap seconds (the wall clock may have stepped)."""
-        ahead = when - self.clock.wall()
+        """A stored wall-clock time as a monotonic one; with cap, never further
+        ahead than cap seconds (the wall clock may have stepped since)."""
+        ahead = (when or self.clock.wall()) - self.clock.wall()
         return self.clock.mono() + (ahead if cap is None else min(max(0.0, ahead), cap))
 
     def add(self, item, sooner=False):
-        """Queue item unless its key is queued or running (or stopping); with
-        sooner, a queued item of that key due later is replaced by it."""
-        with self.lock:
+        """Queue item unless its key is queued or running; with sooner, it
+        replaces a queued one of its key that is due later."""
+        with self.cond:
             queued = self.queued.get(item.key)
             if sooner and queued is not None and item.due < queued.due:
                 queued = None           # its heap entry is skipped when it comes up
             if queued is not None or item.key in self.running or self.stopping:
                 return False
-            self._push(item)
+            self.queued[item.key] = item
+            heapq.heappush(self.heaps[item.kind], (item.due, next(self._serial), item))
+            self.cond.notify_all()
             return True
 
-    def take(self):
-        """The next due item, waiting for it; None once stopping."""
-        with self.lock:
+    def retry(self, item, retry_after=None, floor=0.0):
+        """The one retry rule: the delay before item's next try after a
+        failure (its tries counted), or None when that is past its deadline."""
+        item.tries += 1
+        delay = max(floor, self.backoff.delay(item.tries, retry_after))
+        return None if self.clock.mono() + delay > item.deadline else delay
+
+    def _take(self):
+        with self.cond:
             while not self.stopping:
-                now = self.clock.mono()
-                if self._heap and self._heap[0][0] <= now:
-                    item = heapq.heappop(self._heap)[2]
-                    if self.queued.get(item.key) is not item:
-                        continue                # replaced by a sooner one
+                now, first = self.clock.mono(), None
+                for kind, heap in self.heaps.items():
+                    while heap and self.queued.get(heap[0][2].key) is not heap[0][2]:
+                        heapq.heappop(heap)         # replaced by a sooner one
+                    if heap and self.busy[kind] < self.limits[kind] and (
+                            first is None or heap[0][0] < first[0]):
+                        first = (heap[0][0], kind)
+                if first is not None and first[0] <= now:
+                    item = heapq.heappop(self.heaps[first[1]])[2]
                     del self.queued[item.key]
                     self.running[item.key] = item
+                    self.busy[item.kind] += 1
                     return item
-                self.lock.wait(self._heap[0][0] - now if self._heap else None)
+                self.cond.wait(None if first is None else first[0] - now)
             return None
-
-    def finish(self, item, again):
-        with self.lock:
-            del self.running[item.key]
-            if again and not self.stopping:
-                self._push(item)
-            self.lock.notify_all()
-
-    def keys(self):
-        with self.lock:
-            return set(self.queued) | set(self.running)
-
-    def work(self, handle, crashed):
-        """A worker thread's loop until stop(): handle(item) each due item,
-        True to queue it again at item.due. The thread's boundary: an
-        exception goes to crashed(item), which logs it and says the same
-        (log_crash: log it, and leave the item to the next rescan)."""
-        while True:
-            item = self.take()
-            if item is None:
-                return
-            again = False
-            try:
-                again = handle(item)
-            except Exception:
-                again = crashed(item)
-            finally:
-                self.finish(item, again)
-
-    def wait(self, predicate, timeout=None):
-        with self.lock:
-            return self.lock.wait_for(predicate, timeout)
-
-    def stop(self):
-        with self.lock:
-            self.stopping = True
-            self.lock.notify_all()
-
-    def _push(self, item):
-        self.queued[item.key] = item
-        heapq.heappush(self._heap, (item.due, next(self._serial), item))
-        self.lock.notify_all()
-
-
-@dataclasses.dataclass
-class QueuedImage:
-    """One image in the DownloadQueue; its times are monotonic."""
-    task_id: str
-    index: int
-    due: float              # its next try
-    deadline: float         # --retry-for after the task was received
-    tries: int              # failed tries on disk when queued or last tried here; a
-                            # different count there means another process tried it
-
-    @property
-    def key(self):
-        return self.task_id, self.index
-
-
-class DownloadQueue:
-    """Worker threads fed images from a heap ordered by due time, so an image
-    waiting for its next try holds no thread. An image is never queued twice;
-    after a passing failure it goes back in, due at its next try
-    (retry_later), until the --retry-for deadline or --attempts. Waits and
-    deadlines run on the monotonic clock; a next try read from disk is never
-    further ahead than --max-backoff, whatever the wall clock did since."""
-
-    def __init__(self, config, store, fetcher, metrics, on_task_end, retry_later=True,
-                 clock=Clock):
-        self.config, self.store, self.fetcher, self.metrics = config, store, fetcher, metrics
-        self.on_task_end, self.retry_later, self.clock = on_task_end, retry_later, clock
-        self.backoff = Backoff(config.backoff_base, config.max_backoff)
-        self.abort = AbortSignal()
-        self.due = DueHeap(clock)
-        self._stuck = set()           # ended, but task.json could not say so: left pending
-        self._threads = [threading.Thread(target=self._work, name="download-%d" % n, daemon=True)
-                         for n in range(config.workers)]
-
-    def start(self):
-        for thread in self._threads:
-            thread.start()
-
-    def put(self, jobs):
-        """Queue pending_jobs(); an image already queued or running stays as it is."""
-        cap, retry_for = self.config.max_backoff, self.config.retry_for
-        for task_id, index, due, tries, received in jobs:
-            if self.due.add(QueuedImage(task_id, index, self.due.from_wall(due, cap),
-                                        self.due.from_wall(received + retry_for), tries)):
-                with self.due.lock:
-                    self._stuck.discard((task_id, index))
-
-    @property
-    def in_flight(self):
-        return len(self.due.running)
-
-    def oldest_received(self):
-        """The unix time the oldest task with an image queued here was received."""
-        with self.due.lock:
-            items = list(self.due.queued.values()) + list(self.due.running.values())
-        if not items:
-            return None
-        return self.clock.wall() - (self.clock.mono() - min(i.deadline for i in items)
-                                    + self.config.retry_for)
-
-    def waiting(self):
-        """Images waiting for a later try."""
-        now = self.clock.mono()
-        with self.due.lock:
-            return sum(1 for item in self.due.queued.values() if item.due > now)
-
-    def tasks(self):
-        """Tasks this queue holds or gave up recording: a rescan leaves them be."""
-        with self.due.lock:
-            return {key[0] for key in self.due.keys() | self._stuck}
-
-    def alive(self):
-        return all(thread.is_alive() for thread in self._threads)
-
-    def wait_task(self, task_id, timeout=None):
-        """Block until no image of task_id is queued or running."""
-        return self.due.wait(lambda: all(key[0] != task_id for key in self.due.keys()), timeout)
-
-    def stop(self, drain_seconds):
-        """Take no new jobs, give running ones drain_seconds, abort the rest;
-        what is left stays pending on disk."""
-        self.due.stop()
-        self.due.wait(lambda: not self.due.running, drain_seconds)
-        self.abort.fire()
-        deadline = time.monotonic() + 5
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _work(self):
-        self.due.work(self._handle, self._crashed)
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            again = None
+            try:
+                again = self.handlers[item.kind](item)
+            except Exception:           # the thread's boundary: log, keep the item
+                LOG.exception("%s crashed task=%s", item.kind, escape(item.task_id))
+                again = self.backoff.delay(5)
+            with self.cond:
+                del self.running[item.key]
+                self.busy[item.kind] -= 1
+                if again is not None and self.keep_retries and not self.stopping:
+                    item.due = self.clock.mono() + again
+                    self.queued[item.key] = item
+                    heapq.heappush(self.heaps[item.kind], (item.due, next(self._serial), item))
+                self.cond.notify_all()
 
-    def _handle(self, item):
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+
+    def counts(self):
+        """(images downloading, images waiting for a later try)."""
+        now = self.clock.mono()
+        with self.cond:
+            return self.busy["image"], sum(1 for (kind, _, _), item in self.queued.items()
+                                           if kind == "image" and item.due > now)
+
+    def oldest(self, kind):
+        """The soonest deadline among the items of kind, or None."""
+        with self.cond:
+            return min((i.deadline for i in itertools.chain(self.queued.values(),
+                                                            self.running.values())
+                        if i.kind == kind), default=None)
+
+    def alive(self):
+        return all(thread.is_alive() for thread in self.threads)
+
+    def wait_task(self, task_id, timeout=None):
+        """Block until no item of task_id is queued or running."""
+        with self.cond:
+            return self.cond.wait_for(lambda: all(
+                key[1] != task_id for key in itertools.chain(self.queued, self.running)), timeout)
+
+    def stop(self, drain_seconds, abort):
+        """Take nothing new; give running items drain_seconds, then abort()
+        cuts the rest short. Their records keep their schedule."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: not self.running, drain_seconds)
+        abort()
+        deadline = time.monotonic() + 5
+        for thread in self.threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# Pipeline: what happens to a task after its 200
+# ---------------------------------------------------------------------------
+
+class Pipeline:
+    """A task's way from its record to its end: each image downloaded
+    (Fetcher) into its folder and recorded, the task ended (task.json, then
+    the hook, at least once), an expected task polled at record-info. Each
+    step is a WorkItem on the Scheduler, and each outcome is committed to
+    the Store with the item's next time, so a restart (also after kill -9)
+    resumes every item at its time."""
+
+    def __init__(self, config, store, metrics, clock=Clock, resolver=system_resolver,
+                 client_tls=None, keep_retries=True):
+        self.config, self.store, self.metrics, self.clock = config, store, metrics, clock
+        self.fetcher = Fetcher(config, resolver, client_tls)
+        self.abort = AbortSignal()
+        self.hooks = HookRunner(config, store.root)
+        self.recovery = Recovery(config, self)
+        self.scheduler = Scheduler(config, {"image": self.image, "end": self.end,
+                                            "poll": self.recovery.poll},
+                                   {"image": config.workers, "end": 1, "poll": 1}, clock,
+                                   keep_retries)
+
+    def start(self, rows=()):
+        self.scheduler.start()
+        for record, manifest in rows:
+            self.schedule(record, manifest, resumed=True)
+
+    def stop(self, drain_seconds):
+        self.hooks.stop()           # a hook and whatever it started: its run is pending
+        self.scheduler.stop(drain_seconds, self.abort.fire)
+
+    def schedule(self, record, manifest=False, resumed=False):
+        """Queue the work a record holds: its missing images, its end, or a
+        poll while it is expected."""
+        config, task_id, add = self.config, record["taskId"], self.scheduler.add
+        cap, from_wall = config.max_backoff, self.scheduler.from_wall
+        received = parse_utc(record.get("receivedAt")) or self.clock.wall()
+        missing = missing_images(record)
+        for index in missing:
+            add(WorkItem("image", task_id, index, from_wall(parse_utc(
+                record["nextTryAt"][index]), cap), from_wall(received + config.retry_for),
+                record["tries"][index]))
+        if resumed and missing:
+            log_event("resume", task_id, images=len(missing))
+        hook = record.get("hook") if hook_state(record) == PENDING else None
+        if record["status"] in (DONE, FAILED) and (manifest or hook):
+            ended = parse_utc((hook or {}).get("endedAt")) or self.clock.wall()
+            add(WorkItem("end", task_id, 0, from_wall(parse_utc((hook or {}).get(
+                "nextTryAt")), cap), from_wall(ended + (config.hook_retry_for or 0.0)),
+                (hook or {}).get("tries", 0)))
+        if record["status"] == EXPECTED:
+            self.recovery.schedule(record)
+
+    def deliver(self, callback, confirm=False):
+        """The one way into the pipeline, for a callback and a record-info
+        answer alike: the record committed (then a 200 may leave), its work
+        queued. Returns (received | duplicate, record)."""
+        outcome, record = accept(self.store, callback, confirm, bool(self.config.on_complete))
+        if record["status"] != EXPECTED:
+            self.recovery.forget(callback.task_id)
+        if outcome == "received":
+            self.schedule(record, manifest=record["status"] == FAILED)
+            if record["status"] == FAILED:
+                self.log_end(record)
+        return outcome, record
+
+    # -- an image ----------------------------------------------------------------
+
+    def image(self, item):
+        """One try at one image; its outcome recorded. Returns the delay
+        before the next try, or None."""
         try:
-            return self._download(item) and self.retry_later
+            return self._try_image(item)
+        except (OSError, sqlite3.Error) as exc:     # the store: keep the schedule in memory
+            log_event("record-failed", item.task_id, logging.ERROR, image=item.index + 1,
+                      reason=db_reason(exc), note="tried again")
+            return self.scheduler.retry(item) or self.scheduler.backoff.cap
+
+    def _try_image(self, item):
+        record = self.store.read(item.task_id)
+        if record is None or item.index not in missing_images(record):
+            return None
+        folder = TaskFolder(self.store.root, item.task_id)
+        try:
+            name = folder.saved_cover(item.index)   # renamed into place before a crash
+            if name is None:
+                name = self._download(item, folder, record["images"][item.index])
+            return self._settle(item, name=name)
+        except Retryable as exc:
+            return self._retry(item, exc)
+        except Permanent as exc:
+            return self._fail(item, str(exc))
         except Aborted:
             log_event("download-aborted", item.task_id, image=item.index + 1, note="left pending")
-            return False
+        return None
 
-    def _crashed(self, item):
-        """Log, keep the worker, never lose the job."""
-        LOG.exception("download crashed task=%s image=%d", escape(item.task_id), item.index + 1)
-        item.due = self.clock.mono() + self.backoff.delay(5)
-        return self.retry_later
-
-    def _download(self, item):
-        """One try at one image. True: queue it again, at item.due."""
+    def _download(self, item, folder, url):
+        started = time.monotonic()
         try:
-            return self._try(item)
-        except OSError as exc:      # the store could not be read or written: keep the schedule
-            self._record_failed(item, exc)
-            return self._retry(item, Retryable("cannot update task.json: %s" % os_reason(exc)),
-                               record=False)
+            name, size = folder.write("cover_%d" % (item.index + 1), lambda out: "cover_%d.%s" % (
+                item.index + 1, self.fetcher.fetch(url, out, self.abort)))
+        except OSError as exc:          # local, not the host's fault: a full disk, a folder
+            raise Retryable("cannot save cover_%d: %s" % (item.index + 1, os_reason(exc))) \
+                from None
+        self.metrics.inc("downloads_total", "saved")
+        self.metrics.inc("downloaded_bytes_total", amount=size)
+        log_event("downloaded", item.task_id, image=item.index + 1, bytes=size,
+                  ms=int((time.monotonic() - started) * 1000))
+        return name
 
-    def _try(self, item):
-        with self.store.claim(item.task_id, item.index, self.abort) as job:
-            if job is None:
-                return False
-            if job.saved_as:                # renamed into place before a crash: adopt it
-                self.end_task(item.task_id, self.store.end_if_saved(item.task_id))
-                return False
-            if job.tries != item.tries:     # another process tried it since: keep its schedule
-                item.tries = job.tries
-                item.due = self.due.from_wall(job.due, self.config.max_backoff)
-                return True
-            started = time.monotonic()
-            try:
-                ended, size = self.store.save_cover(
-                    item.task_id, item.index,
-                    lambda out: self.fetcher.fetch(job.url, out, self.abort))
-            except Retryable as exc:
-                return self._retry(item, exc)
-            except Permanent as exc:
-                return self._fail(item, str(exc))
-            self.metrics.inc("downloads_total", "saved")
-            self.metrics.inc("downloaded_bytes_total", amount=size)
-            log_event("downloaded", item.task_id, image=item.index + 1, bytes=size,
-                      ms=int((time.monotonic() - started) * 1000))
-            self.end_task(item.task_id, ended)
-            return False
-
-    def _retry(self, item, exc, record=True):
-        tries = item.tries + 1
-        delay = self.backoff.delay(tries, exc.retry_after)
-        if self.config.attempts and tries >= self.config.attempts:
-            return self._fail(item, "%s (after %d tries)" % (exc, tries), tries)
-        if self.clock.mono() + delay > item.deadline:
-            return self._fail(item, "%s (after %d tries; --retry-for ran out)" % (exc, tries),
-                              tries)
-        item.tries, item.due = tries, self.clock.mono() + delay
+    def _retry(self, item, exc):
+        delay = self.scheduler.retry(item, exc.retry_after)
+        attempts = self.config.attempts
+        if attempts and item.tries >= attempts:
+            return self._fail(item, "%s (after %d tries)" % (exc, item.tries))
+        if delay is None:
+            return self._fail(item, "%s (after %d tries; --retry-for ran out)" % (exc, item.tries))
         next_try = self.clock.wall() + delay
-        if record:
-            try:
-                self.store.postpone(item.task_id, item.index, str(exc), tries, next_try)
-            except OSError as failure:
-                self._record_failed(item, failure)
         self.metrics.inc("download_retries_total")
-        log_event("retry", item.task_id, image=item.index + 1, tries=tries, reason=exc,
+        log_event("retry", item.task_id, image=item.index + 1, tries=item.tries, reason=exc,
                   next=utc_now(next_try))
-        return True
 
-    def _fail(self, item, reason, tries=None):
+        def postpone(record):
+            if record is None or item.index not in missing_images(record):
+                return None
+            record["tries"][item.index], record["lastError"][item.index] = item.tries, str(exc)
+            record["nextTryAt"][item.index] = utc_now(next_try)
+            return record
+        try:
+            self.store.change(item.task_id, postpone)
+        except sqlite3.Error as failure:
+            log_event("record-failed", item.task_id, logging.ERROR, image=item.index + 1,
+                      reason=db_reason(failure), note="the schedule goes on in memory")
+        return delay
+
+    def _fail(self, item, reason):
         self.metrics.inc("downloads_total", "failed")
         log_event("download-failed", item.task_id, logging.WARNING, image=item.index + 1,
                   reason=reason)
+        return self._settle(item, error="cover_%d: %s" % (item.index + 1, reason))
+
+    def _settle(self, item, name=None, error=None):
+        """Record image index saved (name) or failed for good (error); the
+        last one ends the task, with its task.json and hook due."""
+        hooks = bool(self.config.on_complete)
+
+        def settle(record):
+            if record is None or item.index not in missing_images(record):
+                return None
+            index = item.index
+            record["files"][index], record["errors"][index] = name, error
+            record["nextTryAt"][index], record["tries"][index] = None, item.tries
+            if not missing_images(record):
+                failed = [e for e in record["errors"] if e]
+                record.update(status=FAILED if failed else DONE,
+                              error="; ".join(failed) if failed else None,
+                              hook=new_hook() if hooks else None)
+            return record
+        record = self.store.write(lambda: self._put_ended(settle(self.store.get(item.task_id))))
+        if record is not None and record["status"] in (DONE, FAILED):
+            self.schedule(record, manifest=True)
+            self.log_end(record)
+        return None
+
+    def _put_ended(self, record):
+        if record is not None:
+            self.store.put(record, manifest=True if record["status"] in (DONE, FAILED) else None)
+        return record
+
+    def log_end(self, record):
+        log_event("task-" + record["status"], record["taskId"],
+                  level=logging.INFO if record["status"] == DONE else logging.WARNING)
+
+    # -- the end of a task -------------------------------------------------------
+
+    def end(self, item):
+        """A task that ended: its task.json (the manifest the hook reads,
+        what status --json prints), then its hook. At least once: both are
+        done again after a crash before their outcome was committed."""
+        record = self.store.read(item.task_id)
+        if record is None or record["status"] not in (DONE, FAILED):
+            return None
+        folder = TaskFolder(self.store.root, item.task_id)
         try:
-            ended = self.store.settle(item.task_id, item.index,
-                                      error="cover_%d: %s" % (item.index + 1, reason), tries=tries)
+            folder.write("task.json", lambda out: out.write(encode_record(record)))
+            folder.sweep()
         except OSError as exc:
-            self._record_failed(item, exc, "the image stays pending on disk until a restart "
-                                           "or a new delivery")
-            with self.due.lock:
-                self._stuck.add(item.key)
-            return False
-        self.end_task(item.task_id, ended)
-        return False
+            log_event("manifest-failed", item.task_id, logging.ERROR, reason=os_reason(exc))
+            return self.scheduler.retry(item) or self.scheduler.backoff.cap
+        run = hook_state(record) == PENDING and self.hooks.argv
+        outcome = self.hooks.run(item, record) if run else None
+        try:
+            return self.store.write(lambda: self._hook_outcome(item, outcome))
+        except sqlite3.Error as exc:
+            log_event("record-failed", item.task_id, logging.ERROR, reason=db_reason(exc))
+            return self.scheduler.retry(item) or self.scheduler.backoff.cap
 
-    @staticmethod
-    def _record_failed(item, exc, note="the schedule goes on in memory"):
-        log_event("record-failed", item.task_id, logging.ERROR, image=item.index + 1,
-                  reason=os_reason(exc), note=note)
-
-    def end_task(self, task_id, status):
-        """The one end of a task, whoever ended it (a download, a failure
-        callback, recovery): logged, then handed to on_task_end (the hook)."""
-        if status:
-            log_event("task-" + status, task_id,
-                      level=logging.INFO if status == DONE else logging.WARNING)
-            self.on_task_end(task_id, status)
-
-
-@dataclasses.dataclass
-class QueuedHook:
-    """One task's hand-off in the HookRunner; its times are monotonic."""
-    task_id: str
-    due: float
-    deadline: float         # --hook-retry-for after the task ended
-    tries: int
-
-    @property
-    def key(self):
-        return self.task_id
-
-
-class HookRunner:
-    """Hands each ended task to --on-complete at least once: runs are due on
-    a heap (the download schedule's curve), one process at a time, never
-    through a shell, and each outcome is written to task.json, so a restart
-    (also after kill -9) runs every pending hook at its time. A failing hook
-    goes back in at its next try and never holds back others that are due.
-    Its output goes to the log as hook-output lines (HookOutput), never raw."""
-
-    def __init__(self, config, store, clock=Clock, retry_later=True):
-        self.argv, self.store, self.clock = config.on_complete, store, clock
-        self.timeout, self.retry_for = config.hook_timeout, config.hook_retry_for
-        self.backoff = Backoff(config.backoff_base, config.max_backoff)
-        self.retry_later = retry_later
-        self.failed = set()               # taskIds whose hook failed for good
-        self.due = DueHeap(clock)
-        self._current = None
-        self._thread = threading.Thread(target=self._work, name="hook", daemon=True)
-        # Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which
-        # its descendants inherit even when they leave its process group.
-        self._marker = "%s=%d.%s." % (HOOK_RUN_ENV, os.getpid(), os.urandom(4).hex())
-        self._runs = itertools.count(1)
-
-    def start(self):
-        if self.argv:
-            self._thread.start()
-
-    def submit(self, task_id, status=None):
-        """A task just ended: its hook is due now."""
-        self.put([(task_id, 0.0, self.clock.wall(), 0)])
-
-    def put(self, jobs):
-        """Queue (taskId, due, endedAt, tries) hand-offs, times in unix seconds."""
-        if not self.argv:
-            return
-        for task_id, due, ended, tries in jobs:
-            if self.due.add(QueuedHook(task_id, self.due.from_wall(due, self.backoff.cap),
-                                       self.due.from_wall(ended + self.retry_for), tries)):
-                self.failed.discard(task_id)
-
-    def pending(self):
-        return len(self.due.keys())
-
-    def tasks(self):
-        return self.due.keys()
-
-    def wait_task(self, task_id, timeout=None):
-        return self.due.wait(lambda: task_id not in self.due.keys(), timeout)
-
-    def stop(self, seconds):
-        if not self.argv:
-            return
-        self.due.stop()
-        self._thread.join(seconds)
-        process = self._current
-        if process is not None and process.poll() is None:
-            Platform.kill_group(process)
-        Platform.kill_marked(self._marker)      # daemons that hooks left behind
-        self._thread.join(5)
-
-    def _work(self):
-        self.due.work(lambda item: self._hand_off(item) and self.retry_later,
-                      functools.partial(log_crash, "hook"))
-
-    def _hand_off(self, item):
-        """One run of the hook for one task. True: run it again at item.due."""
-        record = self.store.read_or_none(item.task_id)
-        if record is None or hook_state(record) != PENDING:
-            return False
-        item.tries += 1
-        code, reason = self._run(item.task_id, record, item.tries)
+    def _hook_outcome(self, item, outcome):
+        """Commit a hook run (with the manifest written): the delay before
+        its next run, or None."""
+        record = self.store.get(item.task_id)
+        if record is None or outcome is None or hook_state(record) != PENDING:
+            self.store.manifest_written(item.task_id)
+            return None
+        code, reason = outcome
+        hook = record["hook"]
+        hook.update(tries=item.tries + 1, lastExit=code, lastError=reason)
+        delay = None if code == 0 else self.scheduler.retry(item)
         if code == 0:
-            self.store.update_hook(item.task_id, status=DONE, tries=item.tries, lastExit=0,
-                                   lastError=None, nextTryAt=None)
-            return False
-        delay = self.backoff.delay(item.tries)
-        if self.clock.mono() + delay > item.deadline:
-            self.store.update_hook(item.task_id, status=FAILED, tries=item.tries, lastExit=code,
-                                   lastError="%s (after %d tries; --hook-retry-for ran out)"
-                                   % (reason, item.tries), nextTryAt=None)
-            with self.due.lock:
-                self.failed.add(item.task_id)
-            log_event("hook-gave-up", item.task_id, logging.ERROR, tries=item.tries, reason=reason)
-            return False
-        item.due = self.clock.mono() + delay
-        self.store.update_hook(item.task_id, tries=item.tries, lastExit=code, lastError=reason,
-                               nextTryAt=utc_now(self.clock.wall() + delay))
-        return True
-
-    def _run(self, task_id, record, tries):
-        """Run the hook once: (exit status or None, why it failed or None)."""
-        env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
-        run = "%s%d" % (self._marker, next(self._runs))
-        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=record["status"],
-                   COVER_PARENT_TASK_ID=str(record.get("parentTaskId") or ""),
-                   COVER_HOOK_TRY=str(tries))
-        env[HOOK_RUN_ENV] = run.split("=", 1)[1]
-        started = time.monotonic()
-        try:
-            self._current = subprocess.Popen(
-                list(self.argv) + [self.store.task_dir(task_id)], env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                **Platform.new_process_group())
-        except OSError as exc:
-            log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
-            return None, "cannot start: %s" % os_reason(exc)
-        output = HookOutput(self._current.stdout)
-        try:
-            code = self._current.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            Platform.kill_group(self._current)
-            Platform.kill_marked(run + "\0")
-            self._current.wait()
-            code = None
-        finally:
-            self._current = None
-        output.log(task_id)
-        if code is None:
-            log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
-                      note="killed", attempt=tries)
-            return None, "timed out after %g s" % self.timeout
-        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
-                  status=code, ms=int((time.monotonic() - started) * 1000), attempt=tries)
-        return code, None if code == 0 else "exit status %d" % code
-
-
-class HookOutput:
-    """A hook's stdout and stderr (one pipe), read to its end by a thread of
-    its own so the hook never blocks on a full pipe. The first
-    HOOK_OUTPUT_BYTES are kept for the log, the rest only counted."""
-
-    def __init__(self, pipe):
-        self.pipe, self.kept, self.total = pipe, bytearray(), 0
-        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
-        self._thread.start()
-
-    def _read(self):
-        with self.pipe, contextlib.suppress(OSError, ValueError):
-            for chunk in iter(lambda: self.pipe.read1(65536), b""):
-                self.total += len(chunk)
-                self.kept += chunk[:max(0, HOOK_OUTPUT_BYTES - len(self.kept))]
-
-    def log(self, task_id, grace=1.0):
-        """Log what came, escaped, a line each (at most HOOK_OUTPUT_LINES).
-        The pipe may stay open after the hook ended, held by a process it
-        started: then only what came within grace is logged."""
-        self._thread.join(grace)
-        lines = bytes(self.kept).splitlines()[:HOOK_OUTPUT_LINES]
-        for line in lines:
-            log_event("hook-output", task_id, line=line.decode("utf-8", "replace"))
-        hidden = self.total - sum(len(line) + 1 for line in lines)
-        if hidden > 0:
-            log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
+            hook.update(status=DONE, nextTryAt=None)
+        elif delay is None:
+            hook.update(status=FAILED, nextTryAt=None, lastError="%s (after %d tries; "
+                        "--hook-retry-for ran out)" % (reason, item.tries))
+            log_event("hook-gave-up", item.task_id, logging.ERROR, tries=item.tries,
+                      reason=reason)
+        else:
+            hook["nextTryAt"] = utc_now(self.clock.wall() + delay)
+        self.store.put(record, manifest=False)
+        return delay
 
 
 # ---------------------------------------------------------------------------
@@ -3334,108 +2850,73 @@ def record_callback(task_id, data, success):
     return dataclasses.replace(found, source="record-info")
 
 
-@dataclasses.dataclass
-class QueuedPoll:
-    """One expected task on the Recovery schedule; its times are monotonic."""
-    task_id: str
-    due: float
-    deadline: float         # --retry-for after expectedAt; CONFIRM_GRACE after a --confirm callback
-    tries: int
-    confirm: bool
-
-    @property
-    def key(self):
-        return self.task_id
-
-
 class Recovery:
     """serve's answer to a callback that never comes. Every expected task
-    (expect, generate, a --confirm callback) is on a due-time heap; when one
-    is overdue (--recover-after past expectedAt with no callback) it asks
-    record-info, one request at a time and at most one per api_gap, then
-    again every --interval while the API says generating, backing off on
-    API errors (Retry-After honoured), until a final answer, which goes the
-    way of a callback (deliver), or the deadline, which fails the task. The
-    schedule is kept in task.json ("poll"), so restarts keep it. Without an
-    API key nothing is asked: an overdue task gets one WARNING and is counted."""
+    (expect, generate, a --confirm callback) has a poll item; once overdue
+    (--recover-after past expectedAt with no callback) it asks record-info,
+    at most one request per api_gap, again every --interval while the API
+    says generating, backing off on API errors, until a final answer, which
+    goes the way of a callback (Pipeline.deliver), or its deadline, which
+    fails the task. Without an API key an overdue task gets one WARNING."""
 
-    def __init__(self, config, client, deliver, ended, metrics, store, clock=Clock):
-        self.config, self.client, self.deliver, self.ended = config, client, deliver, ended
-        self.metrics, self.store, self.clock = metrics, store, clock
-        self.backoff = Backoff(config.backoff_base, API_BACKOFF_CAP)
-        self.due = DueHeap(clock)
+    def __init__(self, config, pipeline):
+        self.config, self.pipeline = config, pipeline
+        self.client = ApiClient(config) if config.api_key else None
+        self.lock = threading.Lock()
         self.expected = {}                  # taskId -> expectedAt (unix), every expected task
         self._warned = set()
         self._last_request = -API_GAP * 2
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="recovery", daemon=True)
 
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        self._stopped.set()
-        self.due.stop()
-        self._thread.join(5)
-
-    def put(self, records):
-        """Expected records onto the schedule (start-up, rescan, --confirm)."""
-        cap = max(self.config.recover_after, self.config.interval, API_BACKOFF_CAP)
-        for record in records:
-            expected_at = parse_utc(record["expectedAt"]) or self.clock.wall()
-            poll = record["poll"]
-            confirmed_from = parse_utc(poll.get("confirmSince"))
-            first = (parse_utc(poll.get("nextPollAt")) or confirmed_from
-                     or expected_at + self.config.recover_after)
-            end = (confirmed_from + CONFIRM_GRACE if confirmed_from
-                   else expected_at + self.config.retry_for)
-            with self.due.lock:
-                self.expected[record["taskId"]] = expected_at
-            self.due.add(QueuedPoll(record["taskId"], self.due.from_wall(first, cap),
-                                    self.due.from_wall(end), poll.get("tries") or 0,
-                                    bool(confirmed_from)), sooner=bool(confirmed_from))
+    def schedule(self, record):
+        config, scheduler = self.config, self.pipeline.scheduler
+        expected_at = parse_utc(record.get("expectedAt")) or scheduler.clock.wall()
+        poll = record.get("poll") or {}
+        confirmed = parse_utc(poll.get("confirmSince"))
+        first = (parse_utc(poll.get("nextPollAt")) or confirmed
+                 or expected_at + config.recover_after)
+        end = confirmed + CONFIRM_GRACE if confirmed else expected_at + config.retry_for
+        with self.lock:
+            self.expected[record["taskId"]] = expected_at
+        cap = max(config.recover_after, config.interval, config.max_backoff)
+        scheduler.add(WorkItem("poll", record["taskId"], 0, scheduler.from_wall(first, cap),
+                               scheduler.from_wall(end), poll.get("tries") or 0),
+                      sooner=bool(confirmed))
 
     def forget(self, task_id):
-        """The task is no longer expected: a callback (or the API) answered."""
-        with self.due.lock:
+        with self.lock:
             self.expected.pop(task_id, None)
-
-    def tasks(self):
-        return self.due.keys()
 
     def counts(self):
         """(expected, overdue, oldest expectedAt or None)."""
-        now = self.clock.wall() - self.config.recover_after
-        with self.due.lock:
+        due = self.pipeline.clock.wall() - self.config.recover_after
+        with self.lock:
             times = list(self.expected.values())
-        return len(times), sum(1 for at in times if at <= now), min(times, default=None)
+        return len(times), sum(1 for at in times if at <= due), min(times, default=None)
 
-    def _work(self):
-        self.due.work(self._poll, functools.partial(log_crash, "recovery"))
-
-    def _poll(self, item):
-        """One look at an overdue task. True: look again at item.due."""
-        record = self.store.read_or_none(item.task_id)
+    def poll(self, item):
+        """One look at an overdue task: the delay before the next, or None."""
+        record = self.pipeline.store.read(item.task_id)
         if record is None or record["status"] != EXPECTED:
             self.forget(item.task_id)
-            return False
+            return None
         if self.client is None:
             self._warn_overdue(item.task_id, record)
-            return False
-        if self._stopped.wait(max(0.0, self._last_request + self.config.api_gap
-                                  - self.clock.mono())):
-            return False
-        self._last_request = self.clock.mono()
-        item.tries += 1
+            return None
+        clock, metrics = self.pipeline.clock, self.pipeline.metrics
+        if self.pipeline.abort.wait(max(0.0, self._last_request + self.config.api_gap
+                                        - clock.mono())):
+            return None
+        self._last_request = clock.mono()
         try:
             data = self.client.record_info(item.task_id)
         except ApiError as exc:
-            self.metrics.inc("api_requests_total", exc.kind)
+            metrics.inc("api_requests_total", exc.kind)
             return self._after_error(item, exc)
-        self.metrics.inc("api_requests_total", "ok")
+        metrics.inc("api_requests_total", "ok")
         state = record_state(data)
         if state in ("success", "failed"):
             return self._resolve(item, data, state == "success")
+        item.tries += 1
         said = ("still generating" if state == "running" else "an unknown task state %s"
                 % escape(data.get("successFlag", data.get("status")), 30))
         return self._again(item, self.config.interval, said)
@@ -3443,65 +2924,180 @@ class Recovery:
     def _after_error(self, item, exc):
         if exc.kind == "unknown":
             return self._end(item, str(exc))
-        delay = self.backoff.delay(item.tries, exc.retry_after)
-        if exc.kind in ("person", "refused"):   # a key or credits: no use asking often
-            delay = max(delay, self.config.max_backoff)
+        floor = self.config.max_backoff if exc.kind in ("person", "refused") else 0.0
+        delay = self.pipeline.scheduler.retry(item, exc.retry_after, floor)
+        if floor:                       # a key or credits: no use asking often
             log_event("api-refused", item.task_id, logging.ERROR, reason=exc,
-                      next_poll="%gs" % delay)
+                      next_poll="%gs" % (delay or 0))
         return self._again(item, delay, str(exc))
 
     def _resolve(self, item, data, success):
+        item.tries += 1
         try:
-            outcome, record = self.deliver(record_callback(item.task_id, data, success))
-        except BadCallback as exc:
-            return self._again(item, self.backoff.delay(item.tries),
+            outcome, record = self.pipeline.deliver(record_callback(item.task_id, data, success))
+        except (BadCallback, Unavailable) as exc:
+            return self._again(item, self.pipeline.scheduler.retry(item),
                                "an answer it cannot use: %s" % exc)
-        except Unavailable as exc:
-            return self._again(item, self.backoff.delay(item.tries), str(exc))
         self.forget(item.task_id)
         if outcome == "received":
-            self.metrics.inc("tasks_recovered_total")
+            self.pipeline.metrics.inc("tasks_recovered_total")
             log_event("recovered", item.task_id, source="record-info", status=record["status"],
-                      images=len(record["images"]), confirm="yes" if item.confirm else "no")
-        return False
+                      images=len(record["images"]), confirm="yes" if record.get("poll") else "no")
+        return None
 
     def _again(self, item, delay, said):
         """Poll again after delay, or fail the task when that is past its deadline."""
-        if self.clock.mono() + delay > item.deadline:
+        clock = self.pipeline.clock
+        if delay is None or clock.mono() + delay > item.deadline:
             return self._end(item, said)
-        item.due = self.clock.mono() + delay
-        self.store.note_poll(item.task_id, tries=item.tries, lastAnswer=said,
-                             nextPollAt=utc_now(self.clock.wall() + delay))
+        next_poll = utc_now(clock.wall() + delay)
+
+        def note(record):
+            if record is None or record["status"] != EXPECTED:
+                return None
+            record["poll"].update(tries=item.tries, lastAnswer=said, nextPollAt=next_poll)
+            return record
+        self.pipeline.store.change(item.task_id, note)
         log_event("recovery-poll", item.task_id, said=said, next_poll="%gs" % delay)
-        return True
+        return delay
 
     def _end(self, item, said):
-        if item.confirm:
+        if parse_utc((self.pipeline.store.read(item.task_id) or {}).get("poll", {}).get(
+                "confirmSince")):
             reason = "--confirm: record-info did not confirm the callback: %s" % said
         else:
             reason = ("no callback came; record-info last said: %s (after %d tries)"
                       % (said, item.tries))
-        if self.store.end_expected(item.task_id, reason) is not None:
+        hooks = bool(self.config.on_complete)
+
+        def fail(record):
+            if record is None or record["status"] != EXPECTED:
+                return None
+            record.update(status=FAILED, error=reason, hook=new_hook() if hooks else None)
+            return record
+        record = self.pipeline.store.change(item.task_id, fail, manifest=True)
+        if record is not None:
             log_event("recovery-failed", item.task_id, logging.ERROR, reason=reason)
-            self.ended(item.task_id, FAILED)
+            self.pipeline.schedule(record, manifest=True)
+            self.pipeline.log_end(record)
         self.forget(item.task_id)
-        return False
+        return None
 
     def _warn_overdue(self, task_id, record):
         if task_id in self._warned:
             return
         self._warned.add(task_id)
-        waited = self.clock.wall() - (parse_utc(record["expectedAt"]) or self.clock.wall())
+        waited = self.pipeline.clock.wall() - (parse_utc(record["expectedAt"])
+                                               or self.pipeline.clock.wall())
         log_event("overdue", task_id, logging.WARNING, waited="%ds" % waited,
                   note="no callback came; set SUNO_API_KEY (or --api-key-file) for serve to "
                        "ask record-info, or run: cover_receiver.py fetch %s" % task_id)
 
 
-class Poller:
-    """fetch: poll record-info for each task and feed the download pipeline."""
+class HookRunner:
+    """Runs --on-complete for a task that ended: never through a shell, with
+    the task's folder appended and COVER_* in its environment, at most
+    hook_timeout seconds. Its output goes to the log escaped (HookOutput).
+    Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which its
+    descendants inherit also when they leave its process group (setsid):
+    the time limit and stop() kill them all."""
 
-    def __init__(self, config, client, store, downloads, stop, clock=time.monotonic):
-        self.config, self.client, self.store, self.downloads = config, client, store, downloads
+    def __init__(self, config, root):
+        self.argv, self.root, self.timeout = config.on_complete, root, config.hook_timeout
+        self.current, self.stopped = None, False
+        self._marker = "%s=%d.%s." % (HOOK_RUN_ENV, os.getpid(), os.urandom(4).hex())
+        self._runs = itertools.count(1)
+
+    def run(self, item, record):
+        """Run the hook once: (exit status or None, why it failed or None);
+        None when stop() cut it short (it stays pending, for the next start)."""
+        task_id, tries = item.task_id, item.tries + 1
+        if self.stopped:
+            return None
+        env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
+        run = "%s%d" % (self._marker, next(self._runs))
+        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=record["status"],
+                   COVER_PARENT_TASK_ID=str(record.get("parentTaskId") or ""),
+                   COVER_HOOK_TRY=str(tries))
+        env[HOOK_RUN_ENV] = run.split("=", 1)[1]
+        started = time.monotonic()
+        try:
+            self.current = subprocess.Popen(
+                list(self.argv) + [os.path.join(self.root, task_id)], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                **Platform.new_process_group())
+        except OSError as exc:
+            log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
+            return None, "cannot start: %s" % os_reason(exc)
+        output = HookOutput(self.current.stdout)
+        try:
+            code = self.current.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(self.current, run + "\0")
+            code = None
+        self.current = None
+        output.log(task_id)
+        if self.stopped:
+            return None
+        if code is None:
+            log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
+                      note="killed", attempt=tries)
+            return None, "timed out after %g s" % self.timeout
+        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
+                  status=code, ms=int((time.monotonic() - started) * 1000), attempt=tries)
+        return code, None if code == 0 else "exit status %d" % code
+
+    def stop(self):
+        """Kill the running hook and all it started, at once: its run stays
+        pending and is done again at the next start."""
+        self.stopped = True
+        process = self.current
+        if process is not None:
+            self._kill(process, self._marker)
+
+    @staticmethod
+    def _kill(process, marker):
+        Platform.kill_group(process)
+        Platform.kill_marked(marker)        # what left the group (setsid)
+        with contextlib.suppress(OSError):
+            process.wait()
+
+
+class HookOutput:
+    """A hook's stdout and stderr (one pipe), read to its end by a thread of
+    its own so the hook never blocks on a full pipe. The first
+    HOOK_OUTPUT_BYTES are kept for the log, the rest only counted."""
+
+    def __init__(self, pipe):
+        self.pipe, self.kept, self.total = pipe, bytearray(), 0
+        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        with self.pipe, contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: self.pipe.read1(65536), b""):
+                self.total += len(chunk)
+                self.kept += chunk[:max(0, HOOK_OUTPUT_BYTES - len(self.kept))]
+
+    def log(self, task_id, grace=1.0):
+        """Log what came, escaped, a line each (at most HOOK_OUTPUT_LINES).
+        The pipe may stay open after the hook ended, held by a process it
+        started: then only what came within grace is logged."""
+        self._thread.join(grace)
+        lines = bytes(self.kept).splitlines()[:HOOK_OUTPUT_LINES]
+        for line in lines:
+            log_event("hook-output", task_id, line=line.decode("utf-8", "replace"))
+        hidden = self.total - sum(len(line) + 1 for line in lines)
+        if hidden > 0:
+            log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
+
+
+class Poller:
+    """fetch: poll record-info for each task and feed the download pipeline
+    (this process's, when it owns <dir>; else the running serve's)."""
+
+    def __init__(self, config, client, store, pipeline, stop, clock=time.monotonic):
+        self.config, self.client, self.store, self.pipeline = config, client, store, pipeline
         self.stop, self.clock = stop, clock
         self.backoff = Backoff(config.backoff_base, API_BACKOFF_CAP)
 
@@ -3551,16 +3147,21 @@ class Poller:
 
     def _finish(self, task_id, data, success, wait):
         try:
-            outcome, record = self.store.accept(record_callback(task_id, data, success))
+            callback = record_callback(task_id, data, success)
+            if self.pipeline is not None:
+                outcome, _ = self.pipeline.deliver(callback)
+            else:
+                outcome, _ = accept(self.store, callback, wake=True)
         except BadCallback as exc:
             return "error", "API answer unusable: %s" % exc
         except Unavailable as exc:
             return "error", str(exc)
         log_event(outcome, task_id, source="record-info")
-        self.downloads.put(pending_jobs(record))
-        self.downloads.wait_task(task_id, wait)
+        if self.pipeline is not None:
+            self.pipeline.scheduler.wait_task(task_id, wait)
+        else:
+            wait_settled(self.store, task_id, images_settled, wait)
         return task_result(self.store, task_id)
-
 
 # ---------------------------------------------------------------------------
 # Front: one loop owns every connection until its request is whole
@@ -3580,6 +3181,94 @@ class Connection:
         self.length = None              # the whole request's length, once its head is in
         self.reserved = 0               # body bytes counted against the front's buffer cap
         self.answer = b""
+        self.linger = True              # request bytes may still come: drain before closing
+
+
+class Unfinished:
+    """The connections whose request is not whole yet, per client, oldest
+    first: at --max-connections the client holding the most gives up its
+    oldest, so no flood of idle, half-sent or dripping connections from one
+    client denies another."""
+
+    def __init__(self):
+        self.by_client = {}             # client -> {connection: None}, in accept order
+
+    def __iter__(self):
+        return iter([conn for conns in self.by_client.values() for conn in conns])
+
+    def add(self, conn):
+        self.by_client.setdefault(conn.client, {})[conn] = None
+
+    def remove(self, conn):
+        conns = self.by_client.get(conn.client)
+        if conns and conn in conns:
+            del conns[conn]
+            if not conns:
+                del self.by_client[conn.client]
+
+    def rekey(self, conn, client):
+        """The connection's client is another than its peer (--trusted-proxy)."""
+        self.remove(conn)
+        conn.client = escape(client, 64)
+        self.add(conn)
+
+    def victim(self):
+        if not self.by_client:
+            return None
+        return next(iter(max(self.by_client.values(), key=len)))
+
+
+class Handlers:
+    """The threads that answer whole requests, from memory. An answer goes
+    back to the front loop through a queue, and a byte on a socket pair
+    wakes the loop's select() for it."""
+
+    def __init__(self, front):
+        self.front = front
+        self.answers = collections.deque()  # (connection, answer)
+        self.wake_in, self.wake_out = socket.socketpair()
+        for sock in (self.wake_in, self.wake_out):
+            sock.setblocking(False)
+        self.pool = concurrent.futures.ThreadPoolExecutor(HANDLER_THREADS, "http-handler")
+
+    def submit(self, conn, request):
+        self.pool.submit(self._handle, conn, request)
+
+    def _handle(self, conn, request):
+        try:
+            answer = CallbackHandler.answer(request, conn.client, self.front)
+        except Exception:               # thread boundary: the client still gets an answer
+            LOG.exception("request crashed client=%s", conn.client)
+            answer = canned_answer(b"500 Internal Server Error", "internal error")
+        self.answers.append((conn, answer))
+        self.wake()
+
+    def wake(self):
+        with contextlib.suppress(OSError):      # full: a wake-up is pending anyway
+            self.wake_out.send(b"\0")
+
+    def take(self):
+        """The answers made since the last call (in the loop's thread)."""
+        with contextlib.suppress(OSError):
+            while self.wake_in.recv(4096):
+                pass
+        taken = []
+        while self.answers:
+            taken.append(self.answers.popleft())
+        return taken
+
+    def close(self, wait):
+        self.pool.shutdown(wait=wait)
+        self.wake_in.close()
+        self.wake_out.close()
+
+
+def server_tls(config):
+    """The TLS context of --tls-cert and --tls-key (TLS 1.2 or later)."""
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2        # 3.9's default allows 1.0
+    tls.load_cert_chain(config.tls_cert, config.tls_key)
+    return tls
 
 
 class Front:
@@ -3592,7 +3281,7 @@ class Front:
 
     def __init__(self, config, receiver, listen_socket=None):
         self.config, self.receiver = config, receiver
-        self.tls = self.load_tls() if config.tls_cert else None
+        self.tls = server_tls(config) if config.tls_cert else None
         if listen_socket is None:
             family, _, _, _, address = socket.getaddrinfo(
                 config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -3605,29 +3294,19 @@ class Front:
         self.capacity = min(config.max_connections, Platform.socket_budget())
         self.body_cap = max(BUFFERED_BODIES, config.max_body_bytes)
         self.buffered = self.in_flight = 0
-        self.conns, self.waiting = {}, {}   # every connection; those not yet whole, per client
-        self.answers = collections.deque()  # (connection, answer) from the handler threads
-        self.wake_in, self.wake_out = socket.socketpair()
-        self.wake_in.setblocking(False)
-        self.wake_out.setblocking(False)
+        self.conns, self.waiting = {}, Unfinished()     # every connection; those not yet whole
+        self.handlers = Handlers(self)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wake_in, selectors.EVENT_READ, "wake")
-        self.handlers = concurrent.futures.ThreadPoolExecutor(HANDLER_THREADS, "http-handler")
+        self.selector.register(self.handlers.wake_in, selectors.EVENT_READ, "wake")
         self.thread = threading.Thread(target=self.serve, name="http", daemon=True)
         self.stopping = None            # monotonic deadline for answers in flight, once stopping
-
-    def load_tls(self):
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2    # 3.9's default allows 1.0
-        tls.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        return tls
 
     def reload_tls(self):
         """SIGHUP: new connections get the renewed certificate; a pair that
         does not load leaves the one in use."""
         try:
-            self.tls = self.load_tls()
+            self.tls = server_tls(self.config)
             log_event("tls-reloaded", cert=self.config.tls_cert)
         except (OSError, ssl.SSLError) as exc:
             log_event("tls-reload-failed", level=logging.ERROR, cert=self.config.tls_cert,
@@ -3637,16 +3316,12 @@ class Front:
         """Stop accepting; send the answers of requests already whole (for up
         to wait seconds); close the rest."""
         self.stopping = time.monotonic() + wait
-        self.wake()
+        self.handlers.wake()
         if self.thread.is_alive():
             self.thread.join()
         else:
             self._close_all()
-        self.handlers.shutdown(wait=self.in_flight == 0)
-
-    def wake(self):
-        with contextlib.suppress(OSError):      # full: a wake-up is pending anyway
-            self.wake_out.send(b"\0")
+        self.handlers.close(wait=self.in_flight == 0)
 
     def serve(self):
         next_sweep = 0.0
@@ -3668,14 +3343,11 @@ class Front:
         if self.listener.fileno() != -1:            # the first pass after close()
             self.selector.unregister(self.listener)
             self.listener.close()
-            for conn in list(self.waiting_conns()):
+            for conn in self.waiting:
                 self._drop(conn)
         self._take_answers()
         busy = self.in_flight or any(c.step == "send" for c in self.conns)
         return busy and time.monotonic() < self.stopping
-
-    def waiting_conns(self):
-        return (conn for conns in self.waiting.values() for conn in conns)
 
     def _sweep(self, now):
         """Deadlines (--request-timeout; a lingering close's 2 s), the log's
@@ -3710,17 +3382,16 @@ class Front:
             conn = Connection(sock, peer, time.monotonic(), self.config.request_timeout,
                               "first" if self.tls else "head")
             self.conns[conn] = None
-            self.waiting.setdefault(peer, {})[conn] = None
+            self.waiting.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def _make_room(self):
         """At the cap, the client holding the most connections whose request
         is not whole gives up its oldest one: no flood of idle, half-sent or
         dripping connections denies another client."""
-        if not self.waiting:
+        victim = self.waiting.victim()
+        if victim is None:
             return False
-        client = max(self.waiting, key=lambda c: len(self.waiting[c]))
-        victim = next(iter(self.waiting[client]))
         if victim.step == "head" and not victim.data and not isinstance(victim.sock, ssl.SSLSocket):
             with contextlib.suppress(OSError):
                 victim.sock.send(TOO_MANY)
@@ -3806,45 +3477,31 @@ class Front:
         headers = request_headers(head)
         body = body_length(headers, self.config.max_body_bytes)
         if headers is not None and ipaddress_in(conn.peer, self.config.trusted_proxy):
-            self._rekey(conn, forwarded_client(headers, self.config.trusted_proxy) or conn.peer)
+            self.waiting.rekey(conn, forwarded_client(headers, self.config.trusted_proxy)
+                               or conn.peer)
         if self.buffered + body > self.body_cap:
             self.receiver.rejections.note(503, conn.client, "request buffers full")
             self._reply(conn, BUFFERS_FULL)
             return False
         self.buffered += body
         conn.reserved, conn.length, conn.step = body, end.end() + body, "body"
+        # A body declared and not read (too large, chunked) is still coming.
+        conn.linger = not body and (headers is None or "Content-Length" in headers
+                                    or "Transfer-Encoding" in headers)
         return True
 
-    def _rekey(self, conn, client):
-        self._unwait(conn)
-        conn.client = escape(client, 64)
-        self.waiting.setdefault(conn.client, {})[conn] = None
-
     def _hand_off(self, conn):
-        self._unwait(conn)
+        self.waiting.remove(conn)
         self.selector.unregister(conn.sock)
         conn.step = "handler"
         self.in_flight += 1
+        conn.linger = conn.linger or len(conn.data) > (conn.length or 0)
         request = bytes(conn.data[:conn.length])
         conn.data = None
-        self.handlers.submit(self._handle, conn, request)
-
-    def _handle(self, conn, request):
-        """In a handler thread: the answer, made from memory; the loop sends it."""
-        try:
-            answer = CallbackHandler.answer(request, conn.client, self)
-        except Exception:               # thread boundary: the client still gets an answer
-            LOG.exception("request crashed client=%s", conn.client)
-            answer = canned_answer(b"500 Internal Server Error", "internal error")
-        self.answers.append((conn, answer))
-        self.wake()
+        self.handlers.submit(conn, request)
 
     def _take_answers(self):
-        with contextlib.suppress(OSError):
-            while self.wake_in.recv(4096):
-                pass
-        while self.answers:
-            conn, answer = self.answers.popleft()
+        for conn, answer in self.handlers.take():
             self.in_flight -= 1
             self.buffered -= conn.reserved
             conn.reserved = 0
@@ -3852,7 +3509,7 @@ class Front:
             self._reply(conn, answer)
 
     def _reply(self, conn, answer):
-        self._unwait(conn)
+        self.waiting.remove(conn)
         conn.answer, conn.step, conn.data = answer, "send", None
         conn.deadline = time.monotonic() + self.config.request_timeout
         self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
@@ -3861,23 +3518,17 @@ class Front:
     def _send(self, conn):
         sent = conn.sock.send(conn.answer)
         conn.answer = conn.answer[sent:]
-        if not conn.answer:
+        if not conn.answer and not conn.linger:
+            self._drop(conn)            # the request was read whole: a close sends FIN
+        elif not conn.answer:
             # A lingering close (RFC 9112 9.6): closing with unread request bytes
             # would reset the connection over the answer; drain them for 2 s.
             socket.socket.shutdown(conn.sock, socket.SHUT_WR)
             conn.step, conn.deadline = "linger", time.monotonic() + LINGER_SECONDS
             self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
-    def _unwait(self, conn):
-        """The connection's request is whole (or answered): it is not evicted."""
-        conns = self.waiting.get(conn.client)
-        if conns and conn in conns:
-            del conns[conn]
-            if not conns:
-                del self.waiting[conn.client]
-
     def _drop(self, conn):
-        self._unwait(conn)
+        self.waiting.remove(conn)
         self.conns.pop(conn, None)
         self.buffered -= conn.reserved
         conn.reserved = 0
@@ -3888,8 +3539,7 @@ class Front:
     def _close_all(self):
         for conn in list(self.conns):
             self._drop(conn)
-        for sock in (self.listener, self.wake_in, self.wake_out):
-            sock.close()
+        self.listener.close()
         self.selector.close()
 
 
@@ -4159,8 +3809,9 @@ class RejectionLog:
 # ---------------------------------------------------------------------------
 
 class Receiver:
-    """The running service: owns the store, queue, hook runner, server and
-    notifier, and starts and stops them in order."""
+    """The running service: owns the front loop, the store (and the owner
+    lock on <dir>), the pipeline and the notifier; starts and stops them in
+    order."""
 
     def __init__(self, config, resolver=system_resolver, env=None, clock=Clock,
                  client_tls=None):
@@ -4168,7 +3819,8 @@ class Receiver:
         self.config, self.clock = config, clock
         self.metrics = Metrics()
         self.rejections = RejectionLog()
-        self.heartbeat = self.next_rescan = self.next_look = time.monotonic()
+        self.heartbeat = self.next_look = time.monotonic()
+        self.requests_failing = False
         self._probe_lock = threading.Lock()
         self._probed_ok = -PROBE_CACHE_SECONDS          # monotonic time of the last good probe
         try:                            # listen first: a refused start creates nothing
@@ -4180,17 +3832,12 @@ class Receiver:
                              "(or COVER_RECEIVER_PORT)"
                              % (config.host, config.port, exc.strerror or exc)) from None
         try:
+            self.lock = owner_lock(config, "serve")
             self.store = open_store(config)
-        except UsageError:
+        except BaseException:
             self.front.close(0)
             raise
-        self.hooks = HookRunner(config, self.store, clock)
-        self.requests = RequestBox(self.store)
-        self.queue = DownloadQueue(config, self.store, Fetcher(config, resolver, client_tls),
-                                   self.metrics, self.hooks.submit, clock=clock)
-        self.recovery = Recovery(config, ApiClient(config) if config.api_key else None,
-                                 self._deliver, self.queue.end_task, self.metrics, self.store,
-                                 clock)
+        self.pipeline = Pipeline(config, self.store, self.metrics, clock, resolver, client_tls)
         self.notifier = SystemdNotifier(env)
 
     @property
@@ -4210,22 +3857,13 @@ class Receiver:
                                  "[%s]" % host if ":" in host else host, port, self.config.path)
 
     def start(self):
-        expected = []
-        work = self.store.recover(expected)
-        self.requests.open()
-        self.queue.start()
-        self.hooks.start()
-        self.recovery.start()
-        self.recovery.put(expected)
-        for task_id, images in collections.Counter(job[0] for job in work).items():
-            log_event("resume", task_id, images=images)
-        self.queue.put(work)
-        self._take_hooks()
-        self.next_rescan = time.monotonic() + self.config.rescan_seconds  # recover() was the first
+        if self.store.wakes_waiting():          # what commands left: in open_rows() too
+            self.store.take_wakes()
+        rows = self.store.open_rows()
+        self.pipeline.start(rows)
         self.front.thread.start()
-        self._log_listening(len(work))
+        self._log_listening(sum(len(missing_images(record)) for record, _ in rows))
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
-        self.notifier.start(self.healthy, self.status_line)
 
     def _log_listening(self, resumed):
         config, (host, port) = self.config, self.listen_address
@@ -4234,7 +3872,9 @@ class Receiver:
         log_event("listening", host=host, port=port, path=config.path, dir=self.store.root,
                   downloads=policy, tls="on" if self.front.tls else "off", resumed=resumed,
                   signature="on" if config.hmac_key else "off",
-                  token="on" if config.token else "off")
+                  token="on" if config.token else "off", connections=self.front.capacity)
+        if self.store.damaged:
+            log_event("database-damaged", level=logging.ERROR, note=self.store.damaged)
         if not (config.token or config.hmac_key) and port is not None and not is_loopback(host):
             log_event("unprotected", level=logging.WARNING,
                       note="anyone who finds the URL can post callbacks; set "
@@ -4246,91 +3886,55 @@ class Receiver:
         log_event("stopping", drain_seconds=self.config.drain_seconds,
                   note="a second stop signal exits at once")
         self.notifier.send("STOPPING=1")
+        self.pipeline.hooks.stop()
         self.front.close(self.config.request_timeout)     # answers what is whole
-        self.recovery.stop()
-        self.queue.stop(max(0.0, deadline - time.monotonic()))
-        self.hooks.stop(max(0.0, deadline - time.monotonic()))
-        self.notifier.stop()
-        self.requests.close()
-        log_event("stopped", pending=self.store.pending_count())
+        self.pipeline.stop(max(0.0, deadline - time.monotonic()))
+        log_event("stopped", pending=self.store.counts()[PENDING])
+        self.lock.release()
+        self.store.close()
 
     def tick(self):
-        """From the server loop: a heartbeat for the watchdog, a look for work
-        that retry handed over, and now and then (or at once after wake()) a
-        rescan for work that fetch or retry left pending on disk."""
+        """From the front loop, every 0.1 s: a heartbeat for the watchdog, the
+        systemd status, and what commands left in the database for serve."""
         self.heartbeat = now = time.monotonic()
+        self.notifier.tick(now, self.healthy, self.status_line)
         if now < self.next_look:
             return
         self.next_look = now + REQUEST_POLL
         try:
-            self._take_requests()
-            if now >= self.next_rescan:
-                self.next_rescan = now + self.config.rescan_seconds
-                expected = []
-                self.queue.put(self.store.pending_work(
-                    known=self.queue.tasks() | self.recovery.tasks(), expected=expected))
-                self.recovery.put(expected)
-                self._take_hooks()
-        except OSError as exc:
-            log_event("rescan-failed", level=logging.ERROR, reason=os_reason(exc))
-        except Exception:       # the HTTP thread's boundary: it must go on serving
-            LOG.exception("rescan crashed")
+            if self.store.wakes_waiting():
+                for record, manifest in self.store.take_wakes():
+                    log_event("requested", record["taskId"], status=record["status"],
+                              hook=hook_state(record) or "-")
+                    self.pipeline.schedule(record, manifest)
+            self.requests_failing = False
+        except sqlite3.Error as exc:
+            if not self.requests_failing:   # once until the database answers again
+                log_event("requests-failed", level=logging.ERROR, reason=db_reason(exc))
+            self.requests_failing = True
 
     def wake(self):
-        """SIGHUP (systemctl reload): reload the TLS certificate, and rescan
-        <dir> now; nothing is dropped."""
-        log_event("reload", note="looking at the folder for due work now")
+        """SIGHUP (systemctl reload): reload the TLS certificate, and look for
+        what commands left now; nothing is dropped."""
+        log_event("reload", note="looking for requested work now")
         if self.front.tls:
             self.front.reload_tls()
-        self.next_rescan = self.next_look = 0.0
-
-    def _take_requests(self):
-        """Do what retry handed over, as this service: its settings, its user."""
-        for kind, task_id, done in self.requests.take():
-            log_event("expect-requested" if kind == "expect" else "retry-requested", task_id,
-                      kind=kind)
-            try:
-                if kind == "images":
-                    self.queue.put(retry_images_of(self.store, task_id))
-                elif kind == "expect":
-                    parent = self.requests.content(kind, task_id).decode("ascii", "replace")
-                    created, record = self.store.expect(
-                        task_id, parent if TASK_ID_RE.fullmatch(parent) else None)
-                    self.recovery.put([record] if created else [])
-                elif self.config.on_complete:
-                    self.hooks.put(retry_hook_of(self.store, task_id))
-                else:
-                    log_event("retry-ignored", task_id, logging.WARNING,
-                              reason="this serve has no --on-complete to run")
-            except CorruptRecord as exc:
-                self.store.note_corrupt(task_id, exc)
-            except Unavailable as exc:
-                log_event("request-failed", task_id, logging.ERROR, reason=exc)
-            except OSError as exc:
-                log_event("request-failed", task_id, logging.ERROR, reason=os_reason(exc))
-            finally:
-                done()
-
-    def _take_hooks(self):
-        """Queue the hand-offs on disk that no hook run of ours holds."""
-        if self.config.on_complete:
-            work, failed = self.store.hook_work(known=self.hooks.tasks())
-            self.hooks.put(work)
-            self.hooks.failed = failed
+        self.next_look = 0.0
 
     def healthy(self, within):
-        return time.monotonic() - self.heartbeat < within and self.queue.alive()
+        return time.monotonic() - self.heartbeat < within and self.pipeline.scheduler.alive()
 
     def status_line(self):
+        downloading, retrying = self.pipeline.scheduler.counts()
         return "%d pending, %d downloading, %d waiting to retry, %d saved" % (
-            self.store.pending_count(), self.queue.in_flight, self.queue.waiting(),
+            self.store.counts()[PENDING], downloading, retrying,
             self.metrics.get("downloads_total", "saved"))
 
     # -- the endpoint ------------------------------------------------------------
 
     def handle_callback(self, client, query, headers, read_body):
         """One POST to the callback path: the token, the body (read_body checks
-        its length and type), JSON, the signature, then _deliver(). Returns the
+        its length and type), JSON, the signature, then deliver(). Returns the
         answer of a 200; raises a ReceiverError that dispatch maps to its status."""
         config = self.config
         if config.token:
@@ -4345,38 +3949,28 @@ class Receiver:
                              headers.get("X-Webhook-Timestamp"),
                              headers.get("X-Webhook-Signature"), self.clock.wall())
         callback = Callback.from_json(obj)
-        outcome, record = self._deliver(callback, confirm=config.confirm)
+        outcome, record = self.pipeline.deliver(callback, confirm=config.confirm)
         self.metrics.inc("callbacks_total", outcome)
         log_event(outcome, callback.task_id, client=client, code=callback.code,
                   images=len(callback.images), msg=callback.msg,
                   **({"confirm": "record-info"} if record["status"] == EXPECTED else {}))
         return {"status": outcome, "taskId": callback.task_id}
 
-    def _deliver(self, callback, confirm=False):
-        """The one way into the pipeline, for a callback and for a record-info
-        answer alike: durable record, downloads queued, an ended task handed off."""
-        outcome, record = self.store.accept(callback, confirm)
-        self.queue.put(pending_jobs(record))
-        if record["status"] == EXPECTED:
-            self.recovery.put([record])         # --confirm: record-info is asked now
-        else:
-            self.recovery.forget(callback.task_id)
-        if outcome == "received" and record["status"] == FAILED:
-            self.queue.end_task(callback.task_id, FAILED)  # a failure callback ends its task
-        return outcome, record
-
     def health(self):
         error = self._probe_dir()
         if error:
             return 503, {"status": "error", "error": "dir not writable: %s" % error}
+        counts = self.store.counts()
+        downloading, retrying = self.pipeline.scheduler.counts()
+        expected, overdue, _ = self.pipeline.recovery.counts()
         last = self.metrics.last_saved
-        expected, overdue, _ = self.recovery.counts()
-        return 200, {"status": "ok", "version": __version__,
-                     "pending": self.store.pending_count(), "inFlight": self.queue.in_flight,
-                     "expected": expected, "overdue": overdue,
-                     "retrying": self.queue.waiting(), "corrupt": self.store.corrupt_count(),
-                     "hooksPending": self.hooks.pending(), "hooksFailed": len(self.hooks.failed),
-                     "lastDownloadAt": utc_now(last) if last else None}
+        return 200, dict({"status": "ok", "version": __version__, "pending": counts[PENDING],
+                          "inFlight": downloading, "expected": expected, "overdue": overdue,
+                          "retrying": retrying, "corrupt": counts[CORRUPT],
+                          "hooksPending": counts["hook-pending"],
+                          "hooksFailed": counts["hook-failed"],
+                          "lastDownloadAt": utc_now(last) if last else None},
+                         **({"database": self.store.damaged} if self.store.damaged else {}))
 
     def _probe_dir(self):
         """Why <dir> cannot take a durable write, or None. A probe is an fsync:
@@ -4387,32 +3981,37 @@ class Receiver:
             if time.monotonic() - self._probed_ok < PROBE_CACHE_SECONDS:
                 return None
             try:
-                self.store.probe()
-            except OSError as exc:
-                return os_reason(exc)
+                self.store.check_file()
+                self.lock.probe()
+            except (OSError, sqlite3.Error) as exc:
+                return db_reason(exc)
             self._probed_ok = time.monotonic()
             return None
 
     def metrics_text(self):
-        expected, overdue, oldest = self.recovery.counts()
+        expected, overdue, oldest = self.pipeline.recovery.counts()
+        counts = self.store.counts()
+        downloading, retrying = self.pipeline.scheduler.counts()
         return self.metrics.render({
             "tasks_expected": ("Tasks expected (expect, generate) with no callback yet.",
                                expected),
             "tasks_overdue": ("Expected tasks past --recover-after with no callback.", overdue),
             "oldest_pending_age_seconds": ("Age of the oldest unfinished task (0: none).",
                                            self._oldest_age(oldest)),
-            "tasks_corrupt": ("Tasks whose record cannot be read (see the log).",
-                              self.store.corrupt_count()),
-            "hooks_pending": ("Hand-offs (--on-complete) not yet done.", self.hooks.pending()),
+            "tasks_corrupt": ("Tasks whose 1.x record could not be imported (see the log).",
+                              counts[CORRUPT]),
+            "hooks_pending": ("Hand-offs (--on-complete) not yet done.", counts["hook-pending"]),
             "hooks_failed": ("Hand-offs that failed for good (retry --hook).",
-                             len(self.hooks.failed)),
-            "tasks_pending": ("Tasks not yet done or failed.", self.store.pending_count()),
-            "downloads_in_flight": ("Images downloading now.", self.queue.in_flight),
-            "images_retrying": ("Images waiting for their next try.", self.queue.waiting())})
+                             counts["hook-failed"]),
+            "tasks_pending": ("Tasks not yet done or failed.", counts[PENDING]),
+            "downloads_in_flight": ("Images downloading now.", downloading),
+            "images_retrying": ("Images waiting for their next try.", retrying)})
 
     def _oldest_age(self, oldest_expected):
         """Seconds since the oldest unfinished task was expected or received."""
-        received = self.queue.oldest_received()
+        deadline = self.pipeline.scheduler.oldest("image")
+        received = None if deadline is None else self.clock.wall() - (
+            self.clock.mono() - deadline + self.config.retry_for)
         times = [t for t in (oldest_expected, received) if t is not None]
         return max(0.0, self.clock.wall() - min(times)) if times else 0.0
 
@@ -4480,38 +4079,34 @@ class SystemdNotifier:
         usec = parse_digits(env.get("WATCHDOG_USEC"))
         pid_ok = parse_digits(env.get("WATCHDOG_PID", str(os.getpid()))) == os.getpid()
         self.watchdog = usec / 2e6 if usec and pid_ok else None
-        self._stop = threading.Event()
-        self._thread = None
+        self.next_tick = time.monotonic() + (self.watchdog or 5.0)
+        self.failing = False
 
     def send(self, *lines):
         if not self.address:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)     # the front loop sends: never wait on a full queue
                 sock.sendto("\n".join(lines).encode(), self.address)
+            self.failing = False
         except OSError as exc:
-            log_event("notify-failed", level=logging.WARNING, reason=exc)
+            if not self.failing:            # once until a datagram gets through again
+                log_event("notify-failed", level=logging.WARNING, reason=exc)
+            self.failing = True
 
-    def start(self, healthy, status):
-        """Tick every half watchdog period (or 5 s): STATUS=, and WATCHDOG=1
-        only while healthy() says the server loop and workers are alive."""
-        if not self.address:
+    def tick(self, now, healthy, status):
+        """From the front loop: every half watchdog period (or 5 s) STATUS=,
+        and WATCHDOG=1 only while healthy() says the loop and the workers
+        are alive (a wedged process is restarted by systemd)."""
+        if not self.address or now < self.next_tick:
             return
         interval = self.watchdog or 5.0
-
-        def tick():
-            while not self._stop.wait(interval):
-                lines = ["STATUS=" + status()]
-                if self.watchdog and healthy(interval * 2):
-                    lines.append("WATCHDOG=1")
-                self.send(*lines)
-        self._thread = threading.Thread(target=tick, name="sd-notify", daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
+        self.next_tick = now + interval
+        lines = ["STATUS=" + status()]
+        if self.watchdog and healthy(interval * 2):
+            lines.append("WATCHDOG=1")
+        self.send(*lines)
 
 
 def is_loopback(host):
@@ -4535,6 +4130,38 @@ def inherited_socket(env):
 # ---------------------------------------------------------------------------
 # CLI: one run_* per command, and main
 # ---------------------------------------------------------------------------
+
+def owner_lock(config, who):
+    """The lock on <dir> for who. serve: exit 2 when another serve holds it.
+    A command: None when a serve holds it (the command hands its work over
+    through the database). Either waits for a command working alone."""
+    lock = OwnerLock(os.path.abspath(config.dir))
+    try:
+        os.makedirs(config.dir, exist_ok=True)
+        if lock.take(who):
+            return lock
+        holder = lock.holder()
+        if holder.startswith("serve "):
+            if who == "serve":
+                raise UsageError("another serve (pid %s) runs on --dir %s; stop it, or give "
+                                 "this one another --dir" % (holder.split()[1], config.dir))
+            return None
+        log_event("waiting", holder=holder or "?", dir=config.dir,
+                  note="another command works on this folder alone; going on when it ends")
+        lock.take(who, wait=True)
+        return lock
+    except OSError as exc:
+        raise UsageError("--dir %s is not writable: %s" % (config.dir, os_reason(exc))) from None
+
+
+def command_session(config, who, must_exist=False):
+    """(store, lock) for a command: lock None when serve runs on <dir>."""
+    if must_exist and not os.path.isdir(config.dir):
+        raise UsageError("--dir %s does not exist" % config.dir)
+    config = dataclasses.replace(config, dir=Platform.become_owner(config.dir))
+    lock = owner_lock(config, who)
+    return open_store(config), lock
+
 
 def run_serve(config, env):
     """Serve until SIGTERM or Ctrl+C; a second one while draining exits at
@@ -4566,11 +4193,12 @@ def run_serve(config, env):
 
 
 def run_fetch(config, env):
-    store = open_store(config)
-    downloads = DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None)
-    downloads.start()
+    store, lock = command_session(config, "fetch")
+    pipeline = Pipeline(config, store, Metrics()) if lock else None
+    if pipeline:
+        pipeline.start()
     stop = threading.Event()
-    poller = Poller(config, ApiClient(config), store, downloads, stop)
+    poller = Poller(config, ApiClient(config), store, pipeline, stop)
     results = {}
 
     def poll(task_id):
@@ -4581,7 +4209,7 @@ def run_fetch(config, env):
             results[task_id] = ("error", "internal error: %s" % type(exc).__name__)
         word, detail = results[task_id]
         print("%s %s: %s" % (task_id, word, detail), flush=True)
-    threads = [threading.Thread(target=poll, args=(t,), name="poll-" + t)
+    threads = [threading.Thread(target=poll, args=(t,), name="worker")
                for t in dict.fromkeys(config.task_ids)]
     for thread in threads:
         thread.start()
@@ -4591,91 +4219,94 @@ def run_fetch(config, env):
                 thread.join(0.5)
     except KeyboardInterrupt:
         stop.set()
-        downloads.stop(0)
         return 130
-    downloads.stop(0)
+    finally:
+        end_session(pipeline, lock)
     words = {word for word, _ in results.values()}
     return 1 if words & {"failed", "error", CORRUPT} else 3 if "pending" in words else 0
 
 
+def end_session(pipeline, lock):
+    if pipeline is not None:
+        pipeline.stop(0)
+    if lock is not None:
+        lock.release()
+
+
 def run_expect(config, env):
     """expect: record each TASKID as expected; a known task is left as it is."""
-    store, failed = open_store(config), False
-    box = RequestBox(store)
-    for task_id in dict.fromkeys(config.task_ids):
-        try:
-            created, record = expect_task(store, box, task_id, config.parent)
-        except (CorruptRecord, Unavailable) as exc:
-            print("%s not recorded: %s" % (task_id, exc), flush=True)
-            failed = True
-            continue
-        print("%s %s" % (task_id, "expected" if created else "known: %s, left as it is"
-                         % (record or {}).get("status", "being written")), flush=True)
+    store, lock = command_session(config, "expect")
+    failed = False
+    try:
+        for task_id in dict.fromkeys(config.task_ids):
+            try:
+                created, record = expect(store, task_id, config.parent)
+            except sqlite3.Error as exc:
+                print("%s not recorded: %s" % (task_id, db_reason(exc)), flush=True)
+                failed = True
+                continue
+            print("%s %s" % (task_id, "expected" if created else "known: %s, left as it is"
+                             % record["status"]), flush=True)
+    finally:
+        end_session(None, lock)
     return 1 if failed else 0
-
-
-def expect_task(store, box, task_id, parent):
-    """store.expect(), done by the serve running on <dir> when there is one,
-    so the task's folder belongs to the service's user (as retry does)."""
-    if not box.serve_running():
-        return store.expect(task_id, parent)
-    known = store.read(task_id)
-    if known is not None:
-        return False, known
-    box.post("expect", task_id, (parent or "").encode())
-    deadline = time.monotonic() + EXPECT_HANDOFF_WAIT
-    while box.waiting("expect", task_id):
-        if time.monotonic() >= deadline:
-            raise Unavailable("handed to the running serve, which has not recorded it within "
-                              "%g s; it will when it can" % EXPECT_HANDOFF_WAIT)
-        time.sleep(REQUEST_POLL / 2)
-    record = store.read(task_id)
-    return record is not None and record["status"] == EXPECTED, record
 
 
 def run_generate(config, env):
     """generate: create each music task's cover task at the API, record it as
     expected (with its parent), print 'MUSIC COVER' per line."""
-    store = open_store(config)
-    box, client, refused = RequestBox(store), ApiClient(config), False
-    for music_task_id in dict.fromkeys(config.task_ids):
-        try:
-            cover, existed = client.generate(music_task_id, config.callback_url)
-        except ApiError as exc:
-            refused = True
-            print("%s refused: %s" % (music_task_id, exc), flush=True)
-            continue
-        try:
-            expect_task(store, box, cover, music_task_id)
-        except (CorruptRecord, Unavailable) as exc:
-            refused = True
-            print("%s %s not recorded: %s; run: cover_receiver.py expect %s --parent %s"
-                  % (music_task_id, cover, exc, cover, music_task_id), flush=True)
-            continue
-        print("%s %s%s" % (music_task_id, cover, " (the cover task existed already)"
-                           if existed else ""), flush=True)
-        log_event("generated", cover, parent=music_task_id, existed="yes" if existed else "no")
+    store, lock = command_session(config, "generate")
+    client, refused = ApiClient(config), False
+    try:
+        for music_task_id in dict.fromkeys(config.task_ids):
+            try:
+                cover, existed = client.generate(music_task_id, config.callback_url)
+            except ApiError as exc:
+                refused = True
+                print("%s refused: %s" % (music_task_id, exc), flush=True)
+                continue
+            try:
+                expect(store, cover, music_task_id)
+            except sqlite3.Error as exc:
+                refused = True
+                print("%s %s not recorded: %s; run: cover_receiver.py expect %s --parent %s"
+                      % (music_task_id, cover, db_reason(exc), cover, music_task_id), flush=True)
+                continue
+            print("%s %s%s" % (music_task_id, cover, " (the cover task existed already)"
+                               if existed else ""), flush=True)
+            log_event("generated", cover, parent=music_task_id, existed="yes" if existed else "no")
+    finally:
+        end_session(None, lock)
     return 1 if refused else 0
 
 
 def run_retry(config, env):
     """retry: the failed images (or, with --hook, failed hooks) of the named
     tasks, or of every failed task, tried once more now: by the serve running
-    on <dir> when there is one (RequestBox), else here. A passing failure
-    leaves an image pending with its next try on disk, where serve picks it up."""
-    store = existing_store(config)
-    box = RequestBox(store)
-    through_serve = box.serve_running()
-    if config.hook and not (through_serve or config.on_complete):
-        raise UsageError("retry --hook with no serve running on --dir needs --on-complete "
-                         "(or COVER_RECEIVER_ON_COMPLETE)")
-    task_ids = config.task_ids or failed_tasks(store, config.hook)
-    if not task_ids:
-        print("no failed %s in %s" % ("hooks" if config.hook else "tasks", store.root))
-        return 0
-    settled = hook_settled if config.hook else images_settled
-    left = (hand_to_serve(box, config, store, task_ids, settled) if through_serve
-            else retry_here(config, store, task_ids))
+    on <dir> when there is one (through the database), else here, once: a
+    passing failure leaves an image pending with its next try recorded."""
+    store, lock = command_session(config, "retry", must_exist=True)
+    try:
+        if config.hook and not (lock is None or config.on_complete):
+            raise UsageError("retry --hook with no serve running on --dir needs --on-complete "
+                             "(or COVER_RECEIVER_ON_COMPLETE)")
+        task_ids = config.task_ids or tuple(
+            r["taskId"] for r, _ in store.open_rows()
+            if (hook_state(r) if config.hook else r["status"]) == FAILED)
+        if not task_ids:
+            print("no failed %s in %s" % ("hooks" if config.hook else "tasks", store.root))
+            return 0
+        left = {}
+        for task_id in task_ids:
+            why = None if config.hook else left_to_schedule(store, task_id)
+            if why:
+                left[task_id] = why
+            else:
+                (rerun_hook if config.hook else reopen_failed)(store, task_id)
+        settled = hook_settled if config.hook else images_settled
+        wait_for_tasks(config, store, lock, [t for t in task_ids if t not in left], settled, left)
+    finally:
+        end_session(None, lock)
     if config.hook:
         words = [print_hook_line(store, task_id) for task_id in task_ids]
     else:
@@ -4683,10 +4314,34 @@ def run_retry(config, env):
     return 0 if set(words) == {DONE} else 1
 
 
-def failed_tasks(store, hooks):
-    if hooks:
-        return tuple(sorted(store.hook_work()[1]))
-    return tuple(r["taskId"] for r in store.not_done() if r.get("status") == FAILED)
+def wait_for_tasks(config, store, lock, task_ids, settled, left):
+    """Up to --wait for each task to settle: worked here, once each, with
+    this command's options when it holds the lock; else by serve."""
+    deadline = time.monotonic() + config.wait
+    if lock is not None:
+        pipeline = Pipeline(config, store, Metrics(), keep_retries=False)
+        pipeline.start()
+        for task_id in task_ids:
+            pipeline.schedule(store.read(task_id), manifest=True)
+        for task_id in task_ids:
+            pipeline.scheduler.wait_task(task_id, max(0.0, deadline - time.monotonic()))
+        pipeline.stop(0)
+        return
+    for task_id in task_ids:
+        if not wait_settled(store, task_id, settled, deadline - time.monotonic()):
+            left[task_id] = (PENDING, "handed to the running serve; not ended within "
+                             "--wait %g s (status %s shows how it goes)" % (config.wait, task_id))
+
+
+def wait_settled(store, task_id, settled, seconds):
+    """Whether settled(the task's record) came true within seconds (the
+    work is serve's: its commits are read back)."""
+    deadline = time.monotonic() + seconds
+    while not settled(store.read(task_id)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(REQUEST_POLL / 2)
+    return True
 
 
 def images_settled(record):
@@ -4700,78 +4355,12 @@ def hook_settled(record):
 
 def left_to_schedule(store, task_id):
     """Why retry leaves a task as it is (pending, not failed: its schedule
-    goes on), or None. Raises CorruptRecord."""
+    goes on), or None."""
     record = store.read(task_id)
     if record is not None and record["status"] in UNFINISHED:
         return record["status"], "not failed, so left to its schedule: %s" % (
             task_reason(record) or "its next try is due now")
     return None
-
-
-def hand_to_serve(box, config, store, task_ids, settled):
-    """Post a request per task to the running serve and wait up to --wait
-    for each to settle. Returns {taskId: (word, detail)} for those it did not."""
-    kind = "hook" if config.hook else "images"
-    left = {}
-    for task_id in task_ids:
-        try:
-            why = None if config.hook else left_to_schedule(store, task_id)
-        except CorruptRecord as exc:
-            why = (CORRUPT, str(exc))
-        if why:
-            left[task_id] = why
-        else:
-            box.post(kind, task_id)
-    deadline = time.monotonic() + config.wait
-    for task_id in task_ids:
-        while task_id not in left and not (not box.waiting(kind, task_id)
-                                           and settled(store.read_or_none(task_id))):
-            if time.monotonic() >= deadline:
-                left[task_id] = (PENDING, "handed to the running serve; not ended within "
-                                 "--wait %g s (status %s shows how it goes)" % (config.wait, task_id))
-                break
-            time.sleep(REQUEST_POLL / 2)
-    return left
-
-
-def retry_here(config, store, task_ids):
-    """No serve runs: do the work in this process, with its own options."""
-    runner = (HookRunner(config, store, retry_later=False) if config.hook else
-              DownloadQueue(config, store, Fetcher(config), Metrics(), lambda *_: None,
-                            retry_later=False))
-    runner.start()
-    left, deadline = {}, time.monotonic() + config.wait
-    try:
-        for task_id in task_ids:
-            try:
-                left[task_id] = None if config.hook else left_to_schedule(store, task_id)
-                if left[task_id] is None:
-                    runner.put(retry_hook_of(store, task_id) if config.hook
-                               else retry_images_of(store, task_id))
-            except CorruptRecord as exc:
-                left[task_id] = (CORRUPT, str(exc))
-        for task_id in task_ids:
-            runner.wait_task(task_id, max(0.0, deadline - time.monotonic()))
-    finally:
-        runner.stop(0)
-    return {task_id: why for task_id, why in left.items() if why}
-
-
-def retry_images_of(store, task_id):
-    """retry's work on one task: its failed images made pending again, as
-    download jobs; [] when it is not failed. Raises CorruptRecord."""
-    reopened, record = store.reopen_failed(task_id)
-    return pending_jobs(record) if reopened else []
-
-
-def retry_hook_of(store, task_id):
-    """retry --hook's work on one task: a failed hook made due now, as a
-    HookRunner job; [] when its hook has not failed."""
-    record = store.read_or_none(task_id)
-    if record is None or hook_state(record) != FAILED:
-        return []
-    hook = store.update_hook(task_id, status=PENDING, nextTryAt=None)
-    return [(task_id, 0.0, parse_utc(hook["endedAt"]) or 0.0, hook["tries"])]
 
 
 def print_task_line(store, task_id, why=None):
@@ -4781,7 +4370,7 @@ def print_task_line(store, task_id, why=None):
 
 
 def print_hook_line(store, task_id):
-    record = store.read_or_none(task_id)
+    record = store.read(task_id)
     state = hook_state(record) if record else None
     detail = hook_reason(record) if state else "no hand-off recorded for this task"
     print("%s hook %s: %s" % (task_id, state or "none", detail), flush=True)
@@ -4791,13 +4380,13 @@ def print_hook_line(store, task_id):
 def run_status(config, env):
     """status: a summary line and every task that is not done, newest first
     (--all: every task, the summary last); --json: one object per line."""
-    store = TaskStore(config.dir)
-    if not os.path.isdir(store.root):
+    if not os.path.isdir(config.dir):
         raise UsageError("--dir %s does not exist" % config.dir)
+    store = open_store(dataclasses.replace(config, dir=Platform.become_owner(config.dir)))
     if config.task_ids:
         return print_record(store, config.task_ids[0])
-    records = store.records() if config.all else sorted(
-        store.not_done(), key=lambda r: r.get("updatedAt") or "", reverse=True)
+    records = store.all_records() if config.all else [
+        r for r, _ in store.open_rows() if r["status"] != DONE or hook_state(r) in (PENDING, FAILED)]
     table = StatusTable(shutil.get_terminal_size((120, 24)).columns, config.json)
     if not config.all:
         table.summary(records, store)
@@ -4810,13 +4399,12 @@ def run_status(config, env):
 
 
 def print_record(store, task_id):
-    try:
-        record = store.read(task_id)
-    except CorruptRecord as exc:
-        print("task %s is corrupt: %s" % (task_id, exc), file=sys.stderr)
-        return 1
+    record = store.read(task_id)
     if record is None:
         print("no task %s in %s" % (task_id, store.root), file=sys.stderr)
+        return 1
+    if record["status"] == CORRUPT:
+        print("task %s is corrupt: %s" % (task_id, record["error"]), file=sys.stderr)
         return 1
     print(json.dumps(record, indent=2))
     return 0
@@ -4870,7 +4458,8 @@ class StatusTable:
         sys.stdout.flush()
 
     def summary(self, records, store):
-        """Before the rows (records given: counted first), or after them."""
+        """Before the rows (records given: counted first), or after them;
+        then a damaged database's note, when one was set aside."""
         counts = collections.Counter(r.get("status") for r in records) if records is not None \
             else self.counts
         if not sum(counts.values()):
@@ -4882,6 +4471,9 @@ class StatusTable:
             text += "" if records is None else " (tasks not done; done ones: status --all)"
         self._print(json.dumps({"summary": dict(counts), "dir": store.root}) if self.as_json
                     else text)
+        if store.damaged:
+            self._print(json.dumps({"database": store.damaged}) if self.as_json
+                        else "database: " + store.damaged)
 
 
 def main(argv=None, env=None):

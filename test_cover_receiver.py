@@ -22,13 +22,13 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -128,6 +128,18 @@ def wait_for(predicate, timeout=WAIT, what="condition"):
 
 
 def record(folder, task_id):
+    """The task's record, read from the database (what status --json TASKID
+    prints), or None."""
+    path = os.path.join(folder, cr.DB_NAME)
+    if not os.path.exists(path):
+        return None
+    with contextlib.closing(sqlite3.connect(path, timeout=WAIT)) as db:
+        row = db.execute("SELECT record FROM task WHERE task_id = ?", (task_id,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def manifest(folder, task_id):
+    """The task.json written into a task's folder when it ended, or None."""
     path = os.path.join(folder, task_id, "task.json")
     if not os.path.exists(path):
         return None
@@ -140,22 +152,22 @@ def wait_status(folder, task_id, status, timeout=WAIT):
                     and record(folder, task_id), timeout, "%s to be %s" % (task_id, status))
 
 
+STORE_FILES = {cr.DB_NAME, cr.DB_NAME + "-wal", cr.DB_NAME + "-shm", cr.LOCK_NAME}
+
+
 def visible_entries(folder):
-    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    """The task folders (and anything else) in folder, but the store's files."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and n not in STORE_FILES)
 
 
 def leftovers(folder):
     """Every entry below folder, hidden ones included, but the store's own
-    folders (lock, request, index and temp folders) and the files that stay:
-    the lock files, and the index's migration mark."""
-    own = {cr.LOCKS_DIR, cr.REQUESTS_DIR, cr.INDEX_DIR, cr.TEMP_DIR,
-           "%s/%s" % (cr.LOCKS_DIR, cr.SERVE_LOCK), "%s/%s" % (cr.INDEX_DIR, cr.MIGRATED)}
+    files (the database, its -wal and -shm, the lock file)."""
     found = []
     for parent, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
-            if path not in own and not (parent == os.path.join(folder, cr.LOCKS_DIR)
-                                        and cr.TaskLocks.owns(name)):
+            if path not in STORE_FILES:
                 found.append(path)
     return sorted(found)
 
@@ -529,9 +541,9 @@ def wall_clock_at(when):
 # ---------------------------------------------------------------------------
 
 def take_the_dir_away(receiver):
-    """Remove --dir under a running receiver. Windows cannot remove a file
-    that is open, so the serve lock (.locks/.serve) is let go first."""
-    receiver.requests.close()
+    """Remove --dir under a running receiver (Windows cannot remove the open database)."""
+    if WINDOWS:
+        pytest.skip("Windows cannot remove a database that is open")
     shutil.rmtree(receiver.dir)
 
 
@@ -542,29 +554,6 @@ def download_one(start, cdn, *answers, argv=(), **overrides):
     post(receiver.url, payload("img", [cdn.route("/img", *answers)]))
     return receiver, wait_for(lambda: (record(receiver.dir, "img") or {}).get("status")
                               in ("done", "failed") and record(receiver.dir, "img"))
-
-
-def index_mark(folder, mark, task_id):
-    """The index entry that marks task_id (pending, failed or hook)."""
-    return pathlib.Path(folder) / cr.INDEX_DIR / ("%s.%s" % (mark, task_id))
-
-
-def pending_on_disk(folder, task_id, url, version_1_0=False, version_1_2=False):
-    """A pending task as a killed receiver leaves it (or as version 1.0 or
-    1.2 did: a .pending/ folder, or markers beside the task folders)."""
-    stored = cr.new_record(cr.Callback(task_id, 200, "success", (url,)))
-    index = index_mark(folder, "pending", task_id)
-    if version_1_2:
-        index = folder / (".pending.%s" % task_id)
-    if version_1_0:
-        for field in ("tries", "lastError", "nextTryAt"):
-            del stored[field]
-        index = folder / ".pending" / task_id
-    (folder / task_id).mkdir(parents=True)
-    (folder / task_id / "task.json").write_text(json.dumps(stored))
-    index.parent.mkdir(exist_ok=True)
-    index.touch()
-    return stored
 
 
 def parse_metrics(text):
@@ -632,8 +621,6 @@ def plant_corrupt(folder, task_id, shape):
         os.mkfifo(str(target))
     else:
         target.write_bytes(maker(task_id))
-    index_mark(folder, "pending", task_id).parent.mkdir(exist_ok=True)
-    index_mark(folder, "pending", task_id).touch()
 
 
 def healthz(receiver):
@@ -813,8 +800,10 @@ def test_status_lists_tasks_and_prints_one_record(start, cdn, capfd):
 def test_status_lists_what_is_not_done_newest_first_and_says_when_there_is_nothing(
         start, cdn, tmp_path, capfd):
     folder = tmp_path / "covers"
-    assert cr.main(["status", "--dir", str(start().dir)], env={}) == 0
+    first = start()
+    assert cr.main(["status", "--dir", str(first.dir)], env={}) == 0
     assert capfd.readouterr().out == "no tasks in %s\n" % folder
+    first.stop()
     expect(folder, "first")
     receiver = start(*allow_loopback())
     post(receiver.url, payload("second", code=501, images=None, msg="no"))
@@ -879,11 +868,8 @@ def test_status_help_does_not_claim_to_create_the_folder(capfd):
 
 def test_retry_of_a_pending_task_says_when_it_is_tried_instead_of_blocking(tmp_path):
     covers = tmp_path / "covers"
-    pending_on_disk(covers, "waiting", "http://127.0.0.1:9/x.png")
-    path = covers / "waiting" / "task.json"
-    stored = json.loads(path.read_text())
-    stored.update(tries=[2], lastError=["HTTP 503"], nextTryAt=[cr.utc_now(time.time() + 3600)])
-    path.write_text(json.dumps(stored))
+    pending_on_disk(covers, "waiting", "http://127.0.0.1:9/x.png", tries=[2],
+                    lastError=["HTTP 503"], nextTryAt=[cr.utc_now(time.time() + 3600)])
     result = run_cli("retry", "waiting", "--dir", str(covers))
     assert result.returncode == 1
     assert re.match(r"waiting pending: not failed, .*HTTP 503; next try 20", result.stdout)
@@ -902,8 +888,7 @@ def test_retry_hands_the_work_to_a_running_serve_whose_settings_apply(tmp_path, 
                                                       % os.path.join(str(folder), "handed"))
         assert read(os.path.join(str(folder), "handed", "cover_1.png")) == PNG
         assert cdn.hits == {"/r.png": 2}
-        serve.wait_log(r"retry-requested task=handed kind=images")
-        assert os.listdir(str(folder / ".requests")) == []
+        serve.wait_log(r"requested task=handed status=pending")
     finally:
         assert serve.stop() == 0
 
@@ -1291,8 +1276,11 @@ JSON_BODIES = st.fixed_dictionaries({
 def test_property_every_request_gets_an_answer_and_a_4xx_writes_nothing(
         shared_receiver, caplog, method, path, headers, body, with_length):
     receiver = shared_receiver
-    # Task folders only: an earlier example's refused download may still be
-    # settling (a lock file, a temp task.json) while this request runs.
+    # An earlier example's task may still be ending (its folder and task.json
+    # come after its 200): wait for every end to be written first.
+    scheduler = receiver.pipeline.scheduler
+    wait_for(lambda: not any(key[0] == "end" for key in list(scheduler.queued)
+                             + list(scheduler.running)), what="earlier tasks' ends")
     before = visible_entries(receiver.config.dir)
     lines = ["%s %s HTTP/1.0" % (method, path)] + ["%s: %s" % pair for pair in headers]
     if with_length:
@@ -1450,14 +1438,16 @@ def test_the_client_holding_the_most_connections_gives_way_first(start):
             sock.close()
 
 
-def test_past_request_timeout_a_plain_request_gets_408_and_a_handshake_a_close(start, certs):
+def test_past_request_timeout_a_plain_request_gets_408_and_a_handshake_a_close(start, certs,
+                                                                              tmp_path):
     plain = start("--request-timeout", "0.3")
     silent, half = idle_clients(plain, 2)
     half.sendall(b"POST /suno-cover-callback HTTP/1.0\r\nContent-Len")
     for sock in (silent, half):
         assert sock.recv(4096).startswith(b"HTTP/1.0 408 ")
         sock.close()
-    tls = start("--request-timeout", "0.3", "--tls-cert", certs[0], "--tls-key", certs[1])
+    tls = start("--dir", str(tmp_path / "tls"), "--request-timeout", "0.3",
+                "--tls-cert", certs[0], "--tls-key", certs[1])
     with idle_clients(tls, 1)[0] as handshake:
         handshake.sendall(b"\x16\x03\x01")
         assert handshake.recv(4096) == b""
@@ -1662,44 +1652,43 @@ def test_a_post_to_another_path_is_a_warning_naming_the_callback_path(start, cap
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
-def fsync_faults(monkeypatch):
-    """The seam for a slow or failing fsync: faults[path] is a list of actions
-    for the next fsyncs of that folder ("fail", or an Event to wait on first);
-    events records each fsync that returned, and each answer, in order."""
-    faults, events, real = {}, [], cr.Platform.fsync_dir
+def commit_faults(monkeypatch):
+    """The seam for a slow or failing commit: faults is a list of actions for
+    the next commits ("fail", or an Event to wait on first); events records
+    each commit that returned (with the taskIds its changes named), and
+    whatever a test appends (answers), in order."""
+    faults, events, real = [], [], cr.Store._commit
 
-    def fsync_dir(path):
-        actions = faults.get(path) or []
-        action = actions.pop(0) if actions else None
+    def commit(store, batch):
+        action = faults.pop(0) if faults else None
         if action == "fail":
-            events.append(("fsync failed", path))
-            raise OSError(5, "Input/output error (injected)")
+            events.append(("commit failed",))
+            for entry in batch:
+                entry["error"] = sqlite3.OperationalError("disk I/O error (injected)")
+            return
         if action is not None:
-            events.append(("fsync slow", path))
+            events.append(("commit slow",))
             action.wait(WAIT)
-        real(path)
-        events.append(("fsync", path))
-    monkeypatch.setattr(cr.Platform, "fsync_dir", staticmethod(fsync_dir))
+        real(store, batch)
+        events.append(("commit", len(batch)))
+    monkeypatch.setattr(cr.Store, "_commit", commit)
     return faults, events
 
 
-def answered_after_a_durable_dir(events, answer, root):
-    before = events[:events.index(answer)]
-    return ("fsync", root) in before
+def answered_after_a_commit(events, answer):
+    return any(event[0] == "commit" for event in events[:events.index(answer)])
 
 
-def failed_task(start, cdn, task_id):
-    """A task whose image failed for good (404); its next delivery reopens it
-    and the image then answers. Returns (receiver, the delivery, its folder)."""
-    receiver = start(*allow_loopback())
-    body = payload(task_id, [cdn.route("/%s.png" % task_id, status(404), ok(PNG))])
-    post(receiver.url, body)
-    wait_status(receiver.dir, task_id, "failed")
-    # the pending mark goes after the record's folder fsync: wait for it, so
-    # a fault the caller scripts next is not taken by that fsync
-    wait_for(lambda: not index_mark(receiver.dir, cr.PENDING_MARK, task_id).exists(),
-             what="%s's pending mark to go" % task_id)
-    return receiver, body, os.path.join(os.path.abspath(receiver.dir), task_id)
+def pending_on_disk(folder, task_id, url, **fields):
+    """A task as 1.4 left it: <dir>/<taskId>/task.json, marked in .index."""
+    stored = cr.new_record(cr.Callback(task_id, 200, "success", (url,)))
+    stored.update(fields)
+    (folder / task_id).mkdir(parents=True)
+    (folder / task_id / "task.json").write_text(json.dumps(stored))
+    (folder / ".index").mkdir(exist_ok=True)
+    (folder / ".index" / ".migrated").touch()
+    (folder / ".index" / ("pending.%s" % task_id)).touch()
+    return stored
 
 
 @pytest.fixture
@@ -1726,11 +1715,76 @@ def fill(folder):
     return path
 
 
-def test_503_when_the_record_cannot_be_made_durable(start):
+def test_the_database_is_one_sqlite_file_in_wal_mode_with_full_sync_and_a_schema_version(start):
     receiver = start()
-    take_the_dir_away(receiver)
-    with open(receiver.dir, "w") as handle:      # the folder is now a file: nothing can be written
-        handle.write("x")
+    post(receiver.url, payload("row", code=501, images=None))
+    with contextlib.closing(sqlite3.connect(os.path.join(receiver.dir, cr.DB_NAME))) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == cr.SCHEMA_VERSION
+        assert [row[0] for row in db.execute("SELECT task_id FROM task")] == ["row"]
+    assert receiver.store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+    assert sorted(os.listdir(receiver.dir)) == sorted(STORE_FILES | {"row"})
+
+
+def test_503_when_the_commit_fails_and_the_senders_retry_lands(start, cdn, commit_faults):
+    faults, _ = commit_faults
+    receiver = start(*allow_loopback())
+    body = payload("eio", [cdn.route("/e.png", ok(PNG))])
+    faults.append("fail")
+    code, answer, _ = post(receiver.url, body)
+    assert code == 503 and "durabl" in answer["error"] and record(receiver.dir, "eio") is None
+    assert post(receiver.url, body)[1]["status"] == "received"
+    assert wait_status(receiver.dir, "eio", "done")
+
+
+def test_a_racing_delivery_answers_only_after_the_commit_that_holds_its_task(start,
+                                                                             commit_faults):
+    faults, events = commit_faults
+    receiver, slow = start(), threading.Event()
+    faults.append(slow)                               # the first delivery's commit hangs
+
+    def send(n):
+        events.append(("answer", n, post(receiver.url, payload("race"))[1]["status"]))
+    first = threading.Thread(target=send, args=(1,))
+    first.start()
+    wait_for(lambda: ("commit slow",) in events, what="the first commit to start")
+    second = threading.Thread(target=send, args=(2,))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()                          # it waits for the commit in flight
+    slow.set()
+    first.join(WAIT)
+    second.join(WAIT)
+    answers = sorted(event for event in events if event[0] == "answer")
+    assert [a[2] for a in answers] == ["received", "duplicate"] or \
+        [a[2] for a in answers] == ["duplicate", "received"]
+    assert all(answered_after_a_commit(events, answer) for answer in answers)
+
+
+def test_concurrent_callbacks_share_commits(start, commit_faults):
+    faults, events = commit_faults
+    receiver, gate = start(), threading.Event()
+    receiver.pipeline.schedule = lambda *_, **__: None    # no downloads: only the callbacks commit
+    del events[:]
+    faults.append(gate)                               # the first commit takes a while ...
+    answers = []
+    threads = [threading.Thread(target=lambda n=n: answers.append(
+        post(receiver.url, payload("g%d" % n))[0])) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: ("commit slow",) in events, what="the first commit to start")
+    wait_for(lambda: len(receiver.store._queue) == 11, what="the others to queue")
+    gate.set()                                        # ... so the other 11 share the next
+    for thread in threads:
+        thread.join(WAIT)
+    assert answers == [200] * 12
+    assert [e for e in events if e[0] == "commit"] == [("commit", 1), ("commit", 11)]
+
+
+@pytest.mark.skipif(WINDOWS, reason="Windows cannot remove a database that is open")
+def test_a_database_removed_under_serve_gives_503_never_a_200_into_a_lost_file(start):
+    receiver = start()
+    shutil.rmtree(receiver.dir)
     code, answer, _ = post(receiver.url, payload())
     assert code == 503 and "durabl" in answer["error"]
     assert get(receiver.url.replace("/suno-cover-callback", "/healthz"))[0] == 503
@@ -1754,7 +1808,7 @@ def test_kill_9_after_200_loses_nothing_and_restart_finishes(tmp_path, cdn):
         second.wait_log(r"resume task=k9")
         wait_status(folder, "k9", "done")
         assert read(os.path.join(folder, "k9", "cover_1.png")) == PNG
-        assert sorted(os.listdir(os.path.join(folder, "k9"))) == ["cover_1.png", "task.json"]
+        settled(os.path.join(folder, "k9"), ["cover_1.png", "task.json"])
     finally:
         assert second.stop() == 0
 
@@ -1769,13 +1823,13 @@ def test_a_kill_9_between_two_covers_keeps_the_saved_one(tmp_path, cdn):
     cdn.wait_hits("/second.png", 1)                # cover 1 is saved, cover 2 mid-body
     first.proc.kill()
     first.proc.wait(WAIT)
-    assert record(folder, "half")["files"] == [None, None]     # listed when the task ends
+    assert record(folder, "half")["files"] == ["cover_1.png", None]
     second = ReceiverProcess(args)
     try:
         assert wait_status(folder, "half", "done")["files"] == ["cover_1.png", "cover_2.gif"]
     finally:
         assert second.stop() == 0
-    assert cdn.hits == {"/first.png": 1, "/second.png": 2}     # cover 1 adopted, not fetched
+    assert cdn.hits == {"/first.png": 1, "/second.png": 2}
     assert read(os.path.join(folder, "half", "cover_1.png")) == PNG
 
 
@@ -1838,8 +1892,8 @@ def test_failure_callback_is_recorded_failed_without_download(start, cdn):
     failed = record(receiver.dir, "gen-failed")
     assert (failed["status"], failed["code"], failed["msg"]) == ("failed", 531, "credits refunded")
     assert failed["images"] == [] and "531" in failed["error"]
-    assert cdn.hits == {} and leftovers(receiver.dir) == [
-        ".index/failed.gen-failed", "gen-failed", "gen-failed/task.json"]
+    settled(receiver.dir, ["gen-failed", "gen-failed/task.json"])
+    assert manifest(receiver.dir, "gen-failed")["status"] == "failed" and cdn.hits == {}
 
 
 def test_success_after_failure_callback_downloads(start, cdn):
@@ -1850,49 +1904,64 @@ def test_success_after_failure_callback_downloads(start, cdn):
     assert wait_status(receiver.dir, "late", "done")["code"] == 200
 
 
-def test_start_removes_stale_temp_files_and_resumes_pending_tasks(start, cdn, tmp_path):
-    folder = tmp_path / "covers"
-    pending_on_disk(folder, "old", cdn.route("/old.png", ok(PNG)))
-    (folder / "old" / ".cover_1.part").write_bytes(b"half")
-    (folder / "old" / ".task.json.dead.tmp").write_text("{")
-    # What a kill leaves elsewhere: a task folder being built, a probe, a lock
-    # file; and the same as 1.2 left them, beside the task folders.
-    (folder / ".tmp" / "new.gone.123.0").mkdir(parents=True)
-    (folder / ".tmp" / "new.gone.123.0" / "task.json").write_text("{")
-    (folder / ".tmp" / "probe.123.1").write_bytes(b"\0")
-    (folder / ".new.gone.123.0").mkdir()
-    (folder / ".new.gone.123.0" / "task.json").write_text("{")
-    (folder / ".probe.123.1").write_bytes(b"\0")
-    (folder / ".locks").mkdir()
-    (folder / ".locks" / "done1.1").touch()
+def test_a_task_that_ends_gets_its_manifest_the_record_status_json_prints(start, cdn, capfd):
     receiver = start(*allow_loopback())
-    assert wait_status(receiver.dir, "old", "done")["files"] == ["cover_1.png"]
-    settled(folder, ["old", "old/cover_1.png", "old/task.json"])
+    post(receiver.url, payload("man", [cdn.route("/m.png", ok(PNG))]))
+    wait_for(lambda: manifest(receiver.dir, "man"), what="task.json")
+    assert cr.main(["status", "--dir", receiver.dir, "man"], env={}) == 0
+    printed = json.loads(capfd.readouterr().out)
+    assert manifest(receiver.dir, "man") == printed
+    assert set(printed) >= {"taskId", "status", "code", "msg", "images", "files", "errors",
+                            "tries", "lastError", "nextTryAt", "error", "receivedAt",
+                            "updatedAt", "hook", "source", "expectedAt", "parentTaskId"}
 
 
-def test_start_takes_over_the_pending_index_of_version_1_0(start, cdn, tmp_path):
+def test_a_1_4_folder_is_imported_once_and_its_work_goes_on(start, cdn, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
     folder = tmp_path / "covers"
-    pending_on_disk(folder, "v10", cdn.route("/v.png", ok(PNG)), version_1_0=True)
+    pending_on_disk(folder, "old", cdn.route("/old.png", ok(PNG)), tries=[3],
+                    lastError=["HTTP 503"])
+    (folder / "old" / ".cover_1.part").write_bytes(b"half")         # what a kill left
+    (folder / "old" / ".task.json.4242.7").write_text("{")
+    pending_on_disk(folder, "gone", "http://127.0.0.1:9/x.png", status="failed",
+                    errors=["cover_1: HTTP 404"], error="cover_1: HTTP 404")
+    for name in (".locks/images-3", ".locks/.serve", ".tmp/probe.1.2", ".requests/images.gone"):
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).touch()
     receiver = start(*allow_loopback())
-    assert wait_status(receiver.dir, "v10", "done")["files"] == ["cover_1.png"]
-    settled(folder, ["v10", "v10/cover_1.png", "v10/task.json"])
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("imported")] \
+        == ["imported tasks=2 corrupt=0 note=1.x task.json records"]
+    done = wait_status(receiver.dir, "old", "done")
+    assert done["files"] == ["cover_1.png"] and done["tries"] == [3]
+    assert record(receiver.dir, "gone")["status"] == "failed"
+    settled(folder, ["gone", "gone/task.json", "old", "old/cover_1.png", "old/task.json"])
+    receiver.stop()
+    caplog.clear()
+    start(*allow_loopback())                         # the second start imports nothing
+    assert not [r for r in caplog.records if r.getMessage().startswith("imported")]
 
 
-def test_start_takes_over_the_layout_of_version_1_2_once(start, cdn, tmp_path, capfd):
+def test_an_import_cut_short_imports_it_all_at_the_next_start(tmp_path, monkeypatch):
     folder = tmp_path / "covers"
-    pending_on_disk(folder, "v12", cdn.route("/v12.png", ok(PNG)), version_1_2=True)
-    failed = cr.new_record(cr.Callback("oldfail", 501, "no", ()))   # 1.2 marked no failed task
-    (folder / "oldfail").mkdir()
-    (folder / "oldfail" / "task.json").write_bytes(cr.encode_record(failed))
-    (folder / ".new.gone.1.0").mkdir()
-    receiver = start(*allow_loopback())
-    assert wait_status(receiver.dir, "v12", "done")["files"] == ["cover_1.png"]
-    settled(folder, [".index/failed.oldfail", "oldfail", "oldfail/task.json",
-                     "v12", "v12/cover_1.png", "v12/task.json"])
-    assert (folder / ".index" / ".migrated").exists()
-    assert cr.main(["status", "--dir", str(folder)], env={}) == 0
-    lines = capfd.readouterr().out.splitlines()
-    assert lines[0].startswith("1 failed") and lines[2].startswith("oldfail ")
+    for task_id in ("a", "b", "c"):
+        pending_on_disk(folder, task_id, "http://127.0.0.1:9/%s.png" % task_id)
+    config = cr.build_config(["--dir", str(folder)], {})
+    real, seen = cr.read_record, []
+
+    def kill_midway(path, task_id):
+        seen.append(task_id)
+        if len(seen) == 2:
+            raise KeyboardInterrupt             # a kill after two records were read
+        return real(path, task_id)
+    monkeypatch.setattr(cr, "read_record", kill_midway)
+    with pytest.raises(KeyboardInterrupt):
+        cr.open_store(config)
+    assert record(folder, "a") is None            # one transaction: nothing was kept
+    monkeypatch.setattr(cr, "read_record", real)
+    os.unlink(folder / cr.DB_NAME)                # the killed start left an empty database
+    store = cr.open_store(config)
+    assert sorted(r["taskId"] for r in store.all_records()) == ["a", "b", "c"]
+    assert not (folder / ".index").exists()
 
 
 def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(start, cdn, tmp_path):
@@ -1904,188 +1973,46 @@ def test_a_cover_renamed_just_before_a_crash_is_adopted_not_downloaded_again(sta
     assert cdn.hits == {}
 
 
-def test_concurrent_fsyncs_of_one_folder_are_shared_and_each_caller_gets_a_later_one(
-        tmp_path, monkeypatch):
-    runs, lock = [], threading.Lock()
-
-    def slow_fsync(path):                           # a disk that takes 50 ms per fsync
-        began = time.monotonic()
-        time.sleep(0.05)
-        with lock:
-            runs.append((began, time.monotonic()))
-    monkeypatch.setattr(cr.Platform, "fsync_dir", staticmethod(slow_fsync))
-    shared, calls = cr.SharedSync(str(tmp_path)), []
-
-    def caller():
-        called = time.monotonic()
-        shared.sync()
-        calls.append((called, time.monotonic()))
-    threads = [threading.Thread(target=caller) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT)
-    assert len(calls) == 8 and len(runs) < 8
-    for called, returned in calls:                  # a whole fsync between call and return
-        assert any(called <= began and ended <= returned for began, ended in runs)
-
-
-def same_lock_file(task_id):
-    """Another taskId whose lock file is task_id's."""
-    def bucket(name):
-        return zlib.crc32(name.encode()) % cr.LOCK_BUCKETS
-    return next(name for name in ("t%d" % n for n in range(10000))
-                if bucket(name) == bucket(task_id) and name != task_id)
-
-
-def hold_in_another_process(folder, kind, task_id):
-    """A process holding task_id in TaskLocks(folder, kind) until its stdin closes."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import cover_receiver as cr; "
-            "locks = cr.TaskLocks(sys.argv[2], sys.argv[3]); locks.acquire(sys.argv[4]); "
-            "print('held', flush=True); sys.stdin.read()")
-    child = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(SCRIPT), str(folder),
-                              kind, task_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
-    assert child.stdout.readline() == "held\n"
-    return child
-
-
-def test_a_task_lock_is_a_file_named_by_the_crc32_of_its_taskId_that_stays(tmp_path):
-    locks = cr.TaskLocks(str(tmp_path), "record")
-    with locks.held("abc"):
-        assert os.listdir(tmp_path) == ["record-2"]        # crc32(b"abc") = 0x352441c2
-        made = os.stat(tmp_path / "record-2").st_ino
-    with locks.held("abc"):
-        assert os.stat(tmp_path / "record-2").st_ino == made
-    assert os.listdir(tmp_path) == ["record-2"]
-
-
-def test_threads_wait_for_the_task_they_share_not_for_its_lock_file(tmp_path):
-    locks, other, got = cr.TaskLocks(str(tmp_path), "record"), same_lock_file("a"), {}
-
-    def try_both():
-        got["a"] = locks.acquire("a", wait=False)
-        got[other] = locks.acquire(other, wait=False)
-    with locks.held("a"):
-        thread = threading.Thread(target=try_both)
-        thread.start()
-        thread.join(WAIT)
-        assert got == {"a": False, other: True}
-        locks.release(other)
-
-
-def test_an_exclusive_try_fails_while_any_thread_holds_the_task_shared(tmp_path):
-    locks = cr.TaskLocks(str(tmp_path), "images")
-    assert locks.acquire("a", shared=True) and locks.acquire("a", shared=True)
-    assert not locks.acquire("a", wait=False)
-    locks.release("a")
-    assert not locks.acquire("a", wait=False)
-    locks.release("a")
-    assert locks.acquire("a", wait=False)
-
-
-def test_another_process_on_a_lock_file_keeps_out_each_task_of_it_until_it_lets_go(tmp_path):
-    locks, other = cr.TaskLocks(str(tmp_path), "images"), same_lock_file("a")
-    child = hold_in_another_process(tmp_path, "images", "a")
-    try:
-        assert not locks.acquire(other, shared=True, wait=False)
-    finally:
-        child.stdin.close()
-        assert child.wait(WAIT) == 0
-    assert locks.acquire(other, shared=True, wait=False)
-
-
-def test_a_blocked_acquire_goes_on_once_the_other_process_lets_go(tmp_path):
-    locks = cr.TaskLocks(str(tmp_path), "record")
-    child, let_go = hold_in_another_process(tmp_path, "record", "a"), threading.Event()
-
-    def release():
-        let_go.set()
-        child.stdin.close()
-    threading.Timer(0.2, release).start()       # while this thread waits in acquire
-    with locks.held(same_lock_file("a")):
-        assert let_go.is_set()
-    assert child.wait(WAIT) == 0
-
-
-def test_a_racing_delivery_answers_only_after_the_record_is_durable(start, fsync_faults):
-    faults, events = fsync_faults
-    receiver = start()
-    root, slow = os.path.abspath(receiver.dir), threading.Event()
-    faults[root] = [slow]                             # the first delivery's fsync of <dir> hangs
-
-    def send(n):
-        events.append(("answer", n, post(receiver.url, payload("race"))[0]))
-    first = threading.Thread(target=send, args=(1,))
-    first.start()
-    wait_for(lambda: ("fsync slow", root) in events, what="the first fsync of <dir> to start")
-    send(2)                                           # the same task, while the first is inside it
-    assert answered_after_a_durable_dir(events, ("answer", 2, 200), root)
-    slow.set()
-    first.join(WAIT)
-    assert ("answer", 1, 200) in events
-
-
-def test_after_a_failed_fsync_of_the_dir_the_retry_makes_it_durable(start, cdn, fsync_faults):
-    faults, events = fsync_faults
+def test_a_cover_is_fsynced_renamed_and_its_folder_fsynced_before_it_is_recorded(
+        start, cdn, monkeypatch, commit_faults):
+    _, events = commit_faults
+    real = cr.Platform.fsync_dir
+    monkeypatch.setattr(cr.Platform, "fsync_dir", staticmethod(
+        lambda path: (real(path), events.append(("fsync", os.path.basename(path))))))
     receiver = start(*allow_loopback())
-    root = os.path.abspath(receiver.dir)
-    body = payload("eio", [cdn.route("/e.png", ok(PNG))])
-    faults[root] = ["fail"]
-    code, answer, _ = post(receiver.url, body)
-    assert code == 503 and "durabl" in answer["error"]
-    code, answer, _ = post(receiver.url, body)        # the sender's retry
-    events.append(("answer", answer["status"]))
-    assert code == 200 and answered_after_a_durable_dir(events, ("answer", "duplicate"), root)
-    assert wait_status(receiver.dir, "eio", "done")    # and the retry queued the download
+    post(receiver.url, payload("order", [cdn.route("/o.png", ok(PNG))]))
+    wait_status(receiver.dir, "order", "done")
+    fsynced = events.index(("fsync", "order"))
+    assert any(event[0] == "commit" for event in events[fsynced:])
 
 
-def test_after_a_failed_fsync_of_the_task_folder_the_retry_makes_it_durable(start, cdn,
-                                                                            fsync_faults):
-    faults, events = fsync_faults
-    receiver, body, folder = failed_task(start, cdn, "eio2")
-    faults[folder] = ["fail"]                         # the reopened record's folder fsync fails
-    assert post(receiver.url, body)[0] == 503
-    code, answer, _ = post(receiver.url, body)
-    events.append(("answer", answer["status"]))
-    before = events[:events.index(("answer", answer["status"]))]
-    assert code == 200 and ("fsync", folder) in before
-    assert wait_status(receiver.dir, "eio2", "done")
-
-
-def test_a_task_of_two_covers_writes_its_record_once(start, cdn, fsync_faults):
-    _, events = fsync_faults
+def test_an_error_while_recording_a_saved_cover_is_retried_not_stranded(start, cdn,
+                                                                        commit_faults):
+    faults, events = commit_faults
     receiver = start(*allow_loopback())
-    post(receiver.url, payload("once", [cdn.route("/o1.png", ok(PNG)),
-                                        cdn.route("/o2.png", ok(JPEG))]))
-    assert wait_status(receiver.dir, "once", "done")["files"] == ["cover_1.png", "cover_2.jpg"]
-    settled(receiver.dir, ["once", "once/cover_1.png", "once/cover_2.jpg", "once/task.json"])
-    folder = os.path.join(os.path.abspath(receiver.dir), "once")
-    assert events.count(("fsync", folder)) == 1     # one record write, for both covers
-
-
-def test_an_eio_while_recording_a_saved_cover_is_retried_not_stranded(start, cdn, fsync_faults):
-    faults, events = fsync_faults
-    receiver = start(*allow_loopback())
-    folder = os.path.join(os.path.abspath(receiver.dir), "eio3")
-    faults[folder] = ["fail"]          # the record update after the cover's rename fails
-    post(receiver.url, payload("eio3", [cdn.route("/e3.png", ok(PNG))]))
+    gate = threading.Event()
+    post(receiver.url, payload("eio3", [cdn.route("/e3.png", stall(PNG), ok(PNG))]))
+    cdn.wait_hits("/e3.png", 1)
+    faults.append("fail")              # the commit that records the saved cover fails
+    cdn.release.set()
     assert wait_status(receiver.dir, "eio3", "done")["files"] == ["cover_1.png"]
-    assert ("fsync failed", folder) in events
+    assert ("commit failed",) in events and not gate.is_set()
     assert cdn.hits == {"/e3.png": 1}  # the saved cover was adopted, not fetched again
     assert read(os.path.join(receiver.dir, "eio3", "cover_1.png")) == PNG
 
 
 def test_a_full_disk_gives_503_to_callbacks_and_healthz_and_leaves_nothing(small_disk, start):
     receiver = start("--dir", str(small_disk / "covers"))
-    healthz = receiver.url.replace("/suno-cover-callback", "/healthz")
+    healthz_url = receiver.url.replace("/suno-cover-callback", "/healthz")
     filler = fill(small_disk)
+    fill(small_disk / "covers")         # what the database's -wal had still free, too
     code, answer, _ = post(receiver.url, payload("full"))
     assert code == 503 and "durabl" in answer["error"]
-    assert get(healthz)[0] == 503
-    assert leftovers(receiver.dir) == []
+    assert get(healthz_url)[0] == 503
+    assert record(receiver.dir, "full") is None
     os.unlink(filler)
-    assert post(receiver.url, payload("full"))[0] == 200 and get(healthz)[0] == 200
+    os.unlink(small_disk / "covers" / "filler")
+    assert post(receiver.url, payload("full"))[0] == 200 and get(healthz_url)[0] == 200
 
 
 def test_a_full_disk_while_saving_is_retried_until_it_lands(small_disk, start, cdn):
@@ -2115,7 +2042,7 @@ def test_a_full_disk_while_saving_is_retried_until_it_lands(small_disk, start, c
     ({"lastError": [3]}, "has a wrong lastError list"),
     ({"nextTryAt": None}, None),                # 1.0 wrote no retry fields: upgraded
 ], ids=repr)
-def test_a_record_is_checked_field_by_field_and_named_in_the_reason(change, problem):
+def test_a_1x_record_is_checked_field_by_field_and_named_in_the_reason(change, problem):
     stored = json.loads(valid_record_bytes("t1"))
     stored.update(change)
     assert cr.record_problem(stored, "t1") == problem
@@ -2124,7 +2051,7 @@ def test_a_record_is_checked_field_by_field_and_named_in_the_reason(change, prob
 
 
 @pytest.mark.parametrize("shape", CORRUPT_SHAPES)
-def test_a_corrupt_record_at_start_up_is_reported_and_never_stops_serving(
+def test_a_corrupt_1x_record_is_kept_aside_reported_and_never_stops_serving(
         start, cdn, tmp_path, caplog, shape):
     plant_corrupt(tmp_path / "covers", "bad", shape)
     receiver = start(*allow_loopback())
@@ -2132,6 +2059,8 @@ def test_a_corrupt_record_at_start_up_is_reported_and_never_stops_serving(
     assert metrics_of(receiver)["cover_receiver_tasks_corrupt"] == 1
     assert [r for r in caplog.records if r.levelname == "ERROR"
             and r.getMessage().startswith("record-corrupt task=bad")]
+    assert [n for n in os.listdir(os.path.join(receiver.dir, "bad"))
+            if n.startswith("task.json.corrupt-")]
     post(receiver.url, payload("good", [cdn.route("/g.png", ok(PNG))]))
     assert wait_status(receiver.dir, "good", "done")
     code, lines, _ = status_lines(receiver.dir)
@@ -2139,28 +2068,14 @@ def test_a_corrupt_record_at_start_up_is_reported_and_never_stops_serving(
     assert code == 0 and " corrupt " in row and "task.json" in row
 
 
-@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
-def test_a_record_gone_corrupt_is_found_by_the_rescan_and_the_server_goes_on(
-        start, cdn, tmp_path, shape):
-    receiver = start(*allow_loopback(), rescan_seconds=0.05)
-    plant_corrupt(tmp_path / "covers", "bad", shape)
-    wait_for(lambda: healthz(receiver)["corrupt"] == 1, what="the rescan to find it")
-    post(receiver.url, payload("after", [cdn.route("/a.png", ok(PNG))]))
-    assert wait_status(receiver.dir, "after", "done")
-    assert receiver.front.thread.is_alive()
-
-
-@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
-def test_a_new_delivery_repairs_a_corrupt_task_and_keeps_the_bad_record(
-        start, cdn, tmp_path, shape):
+@pytest.mark.parametrize("shape", ["truncated", "a fifo"])
+def test_a_new_delivery_repairs_a_corrupt_task(start, cdn, tmp_path, shape):
     plant_corrupt(tmp_path / "covers", "bad", shape)
     receiver = start(*allow_loopback())
     code, answer, _ = post(receiver.url, payload("bad", [cdn.route("/b.png", ok(PNG))]))
     assert (code, answer["status"]) == (200, "received")
     assert wait_status(receiver.dir, "bad", "done")["files"] == ["cover_1.png"]
     assert read(os.path.join(receiver.dir, "bad", "cover_1.png")) == PNG
-    assert [n for n in os.listdir(os.path.join(receiver.dir, "bad"))
-            if n.startswith("task.json.corrupt-")]
     assert healthz(receiver)["corrupt"] == 0
 
 
@@ -2174,6 +2089,55 @@ def test_the_issue_reproduction_starts_listens_and_logs_an_error(tmp_path):
     finally:
         assert proc.stop() == 0
     assert "Traceback" not in proc.text()
+
+
+def damage(path):
+    """Scribble over a database's pages past the first (its header stays)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.seek(4096)
+        handle.write(os.urandom(size - 4096))
+
+
+@pytest.mark.parametrize("how", ["pages", "not a database"])
+def test_a_damaged_database_is_set_aside_and_never_a_crash_loop(tmp_path, cdn, how):
+    folder = tmp_path / "covers"
+    first = ReceiverProcess(serve_args(folder))
+    for n in range(40):
+        post(first.url, payload("old%d" % n, code=501, images=None))
+    assert first.stop() == 0
+    db = folder / cr.DB_NAME
+    if how == "pages":
+        damage(str(db))
+    else:
+        db.write_bytes(b"this is not a database" * 500)
+    for _ in range(2):                                  # and again: no crash loop
+        proc = ReceiverProcess(serve_args(folder, "--allow-host", "127.0.0.1"))
+        proc.wait_log(r"ERROR database-damaged")
+        url = proc.url
+        health = json.loads(get(url.replace("/suno-cover-callback", "/healthz"))[1])
+        assert "kept as cover_receiver.db.damaged-" in health["database"]
+        post(url, payload("new", [cdn.route("/n.png", ok(PNG))]))
+        wait_status(folder, "new", "done")
+        assert proc.stop() == 0
+        assert "Traceback" not in proc.text()
+    kept = [n for n in os.listdir(folder) if n.startswith(cr.DB_NAME + ".damaged-")]
+    assert kept and len([n for n in kept if not n.endswith(("-wal", "-shm"))]) == 1
+    code, lines, _ = status_lines(folder, "--all")
+    assert code == 0 and any("damaged" in line for line in lines)
+
+
+def test_a_second_serve_on_the_same_dir_exits_2_naming_the_first(tmp_path):
+    first = ReceiverProcess(serve_args(tmp_path / "c"))
+    try:
+        first.wait_log("listening")
+        second = ReceiverProcess(serve_args(tmp_path / "c"))
+        status, lines = second.exit()
+        assert status == 2 and lines == [
+            "cover_receiver: error: another serve (pid %d) runs on --dir %s; stop it, or give this "
+            "one another --dir" % (first.proc.pid, tmp_path / "c")]
+    finally:
+        assert first.stop() == 0
 
 
 def test_a_full_disk_at_the_covers_close_is_a_classified_retry(small_disk, start, cdn, caplog):
@@ -2191,32 +2155,6 @@ def test_a_full_disk_at_the_covers_close_is_a_classified_retry(small_disk, start
     assert any("No space left on device (ENOSPC)" in line for line in lines
                if line.startswith("retry task=close"))
     assert not [line for line in lines if "crashed" in line]
-
-
-def test_a_reopened_record_is_written_only_while_marked(start, cdn, fsync_faults):
-    faults, events = fsync_faults
-    receiver, body, folder = failed_task(start, cdn, "mark")
-    marker = str(index_mark(receiver.dir, "pending", "mark"))
-    hang = threading.Event()
-    faults[folder] = [hang]                # the reopened record's write hangs mid-way
-    sender = threading.Thread(target=post, args=(receiver.url, body))
-    sender.start()
-    wait_for(lambda: ("fsync slow", folder) in events, what="the record write to start")
-    assert os.path.exists(marker)          # a kill now leaves a task that start-up sweeps
-    hang.set()
-    sender.join(WAIT)
-    assert wait_status(receiver.dir, "mark", "done")
-
-
-def test_start_up_sweeps_a_temp_record_a_kill_left_in_a_failed_task(start, tmp_path):
-    covers = tmp_path / "covers"
-    pending_on_disk(covers, "left", "http://127.0.0.1:9/x.png")
-    stored = json.loads((covers / "left" / "task.json").read_text())
-    stored.update(status="failed", error="cover_1: HTTP 404", errors=["cover_1: HTTP 404"])
-    (covers / "left" / "task.json").write_text(json.dumps(stored))
-    (covers / "left" / ".task.json.4242.7").write_bytes(b'{"half": ')
-    receiver = start()
-    assert leftovers(receiver.dir) == [".index/failed.left", "left", "left/task.json"]
 
 
 # ---------------------------------------------------------------------------
@@ -2277,7 +2215,7 @@ def test_oversized_image_is_refused_and_not_retried(start, cdn, length):
                                     argv=("--max-image-bytes", "4096"))
     assert failed["status"] == "failed" and "max-image-bytes" in failed["error"]
     assert cdn.hits["/img"] == 1
-    assert leftovers(os.path.join(receiver.dir, "img")) == ["task.json"]
+    settled(os.path.join(receiver.dir, "img"), ["task.json"])
 
 
 def test_stalled_download_times_out_and_is_retried(start, cdn):
@@ -2616,11 +2554,8 @@ def test_a_forward_clock_step_does_not_end_the_retries(start, cdn):
 
 def test_a_next_try_stored_far_ahead_waits_no_longer_than_max_backoff(start, cdn, tmp_path):
     url = cdn.route("/ahead.png", ok(PNG))
-    pending_on_disk(tmp_path / "covers", "ahead", url)
-    path = tmp_path / "covers" / "ahead" / "task.json"
-    stored = json.loads(path.read_text())
-    stored.update(tries=[3], nextTryAt=[cr.utc_now(time.time() + 30 * 86400)])
-    path.write_text(json.dumps(stored))                  # as written before a backward step
+    pending_on_disk(tmp_path / "covers", "ahead", url, tries=[3],   # as written before
+                    nextTryAt=[cr.utc_now(time.time() + 30 * 86400)])  # a backward step
     receiver = start(*allow_loopback(), "--max-backoff", "0.2")
     assert wait_status(receiver.dir, "ahead", "done")
 
@@ -2632,13 +2567,11 @@ def test_a_folder_it_cannot_write_is_a_scheduled_visible_error_until_retry_for(
     pending_on_disk(tmp_path / "covers", "ro", url)
     with unwritable(tmp_path / "covers" / "ro"):
         receiver = start(*allow_loopback(), "--retry-for", "1")
-        wait_for(lambda: any("stays pending on disk" in r.getMessage() for r in caplog.records),
-                 what="the give-up line")
+        failed = wait_status(receiver.dir, "ro", "failed")
+        assert "cannot save cover_1: " in failed["error"] and "--retry-for ran out" in failed["error"]
         retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
         assert retries and all("cannot save cover_1: " in line for line in retries)
-        # The line is logged just before its worker lets go of the image.
-        wait_for(lambda: receiver.queue.in_flight == 0 and receiver.queue.waiting() == 0,
-                 what="the image to leave the queue")
+        assert receiver.pipeline.scheduler.counts() == (0, 0)
         assert not [r for r in caplog.records if "crashed" in r.getMessage()]
     assert cdn.hits.get("/ro.png", 0) == 0
 
@@ -2711,25 +2644,43 @@ def test_hook_output_is_logged_bounded_and_escaped_never_raw(tmp_path, cdn):
 
 
 @pytest.mark.skipif(not cr.LINUX, reason="finding processes that left the group needs /proc")
-def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, tmp_path):
+def daemon_hook(tmp_path):
+    """A hook that starts a daemon (setsid) and waits: (command, the daemon's pid file)."""
     pidfile = tmp_path / "daemon.pid"
-    hook = hook_script(tmp_path, (
+    return hook_script(tmp_path, (
         "import subprocess\n"
         "daemon = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
         "                          start_new_session=True)\n"
         "open(%r, 'w').write(str(daemon.pid))\n"
-        "time.sleep(300)\n" % str(pidfile)))
+        "time.sleep(300)\n" % str(pidfile))), pidfile
+
+
+def gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().split(") ")[1].startswith("Z")   # a zombie is dead
+    except FileNotFoundError:
+        return True
+
+
+def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, tmp_path):
+    hook, pidfile = daemon_hook(tmp_path)
     receiver = start(*allow_loopback(), "--on-complete", hook, hook_timeout=1.0)
     post(receiver.url, payload("d", [cdn.route("/d.png", ok(PNG))]))
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon"))
+    wait_for(lambda: gone(pid), what="the setsid daemon to be killed")
 
-    def gone():
-        try:
-            with open("/proc/%d/stat" % pid) as handle:
-                return handle.read().split(") ")[1].startswith("Z")   # a zombie is dead
-        except FileNotFoundError:
-            return True
-    wait_for(gone, what="the setsid daemon to be killed")
+
+@pytest.mark.skipif(not cr.LINUX, reason="a hook's setsid descendants are found on Linux only")
+def test_stop_ends_a_running_hook_and_what_it_started_and_its_run_stays_pending(tmp_path):
+    hook, pidfile = daemon_hook(tmp_path)
+    proc = ReceiverProcess(serve_args(tmp_path / "c", "--on-complete", hook,
+                                      "--drain-seconds", "30"))
+    post(proc.url, payload("stopped", code=501, images=None))
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon"))
+    assert proc.stop() == 0                             # well before the drain's 30 s
+    wait_for(lambda: gone(pid), what="the setsid daemon to be killed")
+    assert record(tmp_path / "c", "stopped")["hook"]["status"] == "pending"
 
 
 def test_a_failing_hook_is_retried_until_it_succeeds(start, cdn, tmp_path):
@@ -2803,23 +2754,6 @@ def test_one_slow_failing_hook_does_not_hold_back_another_tasks_hook(start, cdn,
     hook_of(receiver.dir, "fine", "done")
     assert record(receiver.dir, "stuck")["hook"]["status"] == "pending"
     assert len(runs_of(runs, "fine")) == 1
-
-
-def test_a_failure_callback_whose_hook_marker_a_crash_lost_gets_it_from_the_retry(start, tmp_path):
-    script, runs = counting_hook(tmp_path)
-    covers = tmp_path / "covers"
-    covers.mkdir()
-    stored = cr.new_record(cr.Callback("lost", 501, "no", ()), hooks=True)
-    (covers / "lost").mkdir()
-    (covers / "lost" / "task.json").write_bytes(cr.encode_record(stored))   # no .hook.lost
-    (covers / cr.INDEX_DIR).mkdir()
-    (covers / cr.INDEX_DIR / cr.MIGRATED).touch()  # the index taken over: start-up marks nothing
-    receiver = start("--on-complete", script)
-    assert post(receiver.url, payload("lost", None, code=501, msg="no"))[1]["status"] == "duplicate"
-    assert index_mark(covers, "hook", "lost").exists()
-    receiver.next_rescan = 0                       # the minute's rescan, now
-    hook_of(receiver.dir, "lost", "done")
-    assert runs_of(runs, "lost") == [["1", "failed"]]
 
 
 # ---------------------------------------------------------------------------
@@ -3096,9 +3030,9 @@ def test_expect_beside_a_running_serve_is_recorded_by_it_at_once(start, tmp_path
     caplog.set_level("INFO", logger="cover_receiver")
     receiver = start()
     assert expect(receiver.dir, "handed", parent="music7") == ["handed expected"]
-    assert healthz(receiver)["expected"] == 1            # no rescan needed
+    wait_for(lambda: healthz(receiver)["expected"] == 1, 1 + 1, "serve to take it")
     assert record(receiver.dir, "handed")["parentTaskId"] == "music7"
-    assert any(r.getMessage().startswith("expect-requested task=handed")
+    assert any(r.getMessage().startswith("requested task=handed status=expected")
                for r in caplog.records)
 
 
@@ -3223,8 +3157,6 @@ def test_overdue_without_a_key_is_a_warning_healthz_metrics_and_status(start, tm
     counts = metrics_of(receiver)
     assert counts["cover_receiver_tasks_overdue"] == 1
     assert counts["cover_receiver_oldest_pending_age_seconds"] >= 0
-    receiver.next_rescan = 0                            # a rescan does not warn again
-    wait_for(lambda: receiver.next_rescan > 0, what="the rescan")
     assert sum(r.getMessage().startswith("overdue task=silent") for r in caplog.records) == 1
     _, lines, _ = status_lines(receiver.dir)
     assert any(re.match(r"silent +expected .*waiting for its callback for \d+s", line)
@@ -3448,6 +3380,21 @@ def test_sd_notify_ready_watchdog_and_stopping(notify_socket, tmp_path):
     assert proc.proc.wait(WAIT) == 0
 
 
+@posix_only
+def test_a_notify_socket_nobody_reads_never_stalls_the_receiver(tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)                                  # its queue fills: never read
+        proc = ReceiverProcess(serve_args(tmp_path / "c"), env={
+            "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000"})      # a tick every 10 ms
+        try:
+            url = proc.url.replace("/suno-cover-callback", "/healthz")
+            proc.wait_log("WARNING notify-failed")       # a datagram dropped, not waited for
+            assert get(url)[0] == 200 and proc.text().count("notify-failed") == 1
+        finally:
+            assert proc.stop() == 0
+
+
 def test_no_notification_without_notify_socket():
     notifier = cr.SystemdNotifier({})
     assert notifier.address == "" and notifier.watchdog is None
@@ -3494,12 +3441,20 @@ def test_metrics_counters_move_as_callbacks_arrive(start, cdn):
     assert after["cover_receiver_process_start_time_seconds"] <= time.time()
 
 
-def test_a_running_serve_takes_over_work_another_process_left_pending(start, cdn, tmp_path):
+def hand_over(folder, task_id, url):
+    """What fetch does beside a running serve once record-info answered: the
+    task recorded in the database, marked for serve (wake)."""
+    store = cr.Store(str(folder))
+    try:
+        cr.accept(store, cr.Callback(task_id, 200, "success", (url,)), wake=True)
+    finally:
+        store.close()
+
+
+def test_a_running_serve_takes_the_work_a_command_recorded_within_a_second(start, cdn):
     receiver = start(*allow_loopback())
-    # As a fetch or retry that stopped with a try still scheduled leaves it.
-    pending_on_disk(tmp_path / "covers", "left", cdn.route("/left.png", ok(PNG)))
-    receiver.next_rescan = time.monotonic()          # the minute's rescan, now
-    assert wait_status(receiver.dir, "left", "done")["files"] == ["cover_1.png"]
+    hand_over(receiver.dir, "left", cdn.route("/left.png", ok(PNG)))
+    assert wait_status(receiver.dir, "left", "done", timeout=1 + 2)["files"] == ["cover_1.png"]
     assert cdn.hits == {"/left.png": 1}
 
 
@@ -3645,12 +3600,12 @@ def test_socket_activation_on_a_unix_socket_answers(tmp_path, kind):
 
 def test_a_flood_of_healthz_costs_about_one_disk_probe_a_second(start, monkeypatch):
     receiver = start()
-    probes, real = [], receiver.store.probe
+    probes, real = [], receiver.lock.probe
 
     def counted():
         probes.append(time.monotonic())
         real()
-    monkeypatch.setattr(receiver.store, "probe", counted)
+    monkeypatch.setattr(receiver.lock, "probe", counted)
     started = time.monotonic()
     for _ in range(30):
         assert healthz(receiver)["status"] == "ok"
@@ -3663,8 +3618,7 @@ def test_sighup_looks_at_the_folder_now_and_never_stops_serve(tmp_path, cdn):
     serve = ReceiverProcess(serve_args(folder, "--allow-host", "127.0.0.1"))
     try:
         serve.wait_log(r"listening")
-        # Work another process left due; the 60 s rescan is far away.
-        pending_on_disk(folder, "hup", cdn.route("/hup.png", ok(PNG)))
+        hand_over(folder, "hup", cdn.route("/hup.png", ok(PNG)))
         serve.signal(signal.SIGHUP)
         serve.wait_log(r"reload ")
         wait_status(str(folder), "hup", "done", timeout=5)
@@ -3698,10 +3652,11 @@ def link_the_task_folder(covers, outside, url, phase):
         os.symlink(str(outside), str(covers / "T1"))
 
 
-def link_the_lock_folder(covers, outside, url, phase):
-    if phase == "before start":
-        pending_on_disk(covers, "T1", url)
-        os.symlink(str(outside), str(covers / ".locks"))
+def link_the_database(covers, outside, url, phase):
+    if phase == "before start":        # SQLite would follow it: it is moved aside
+        covers.mkdir(parents=True)
+        for name in sorted(STORE_FILES):
+            os.symlink(str(outside / "victim"), str(covers / name))
 
 
 def link_the_part_file(covers, outside, url, phase):
@@ -3726,9 +3681,9 @@ def link_a_cover(covers, outside, url, phase):
         os.symlink(str(outside / "victim"), str(covers / "T1" / "cover_1.png"))
 
 
-def link_the_marker(covers, outside, url, phase):
-    if phase == "running":
-        os.symlink(str(outside / "created-through-a-link"), str(index_mark(covers, "pending", "T1")))
+def link_the_manifest(covers, outside, url, phase):
+    if phase == "between tries":       # the task.json written when it ends replaces the link
+        os.symlink(str(outside / "victim"), str(covers / "T1" / "task.json"))
 
 
 def plant_entry(path, kind, outside):
@@ -3760,8 +3715,8 @@ def test_status_reads_no_fifo_and_shows_one_corrupt_record_by_id(tmp_path):
     assert code == 1 and "corrupt: task.json is not a regular file" in err
 
 
-LINK_PLANTS = [link_the_task_folder, link_the_lock_folder, link_the_part_file, link_the_record,
-               link_a_cover, link_the_marker]
+LINK_PLANTS = [link_the_task_folder, link_the_database, link_the_part_file, link_the_record,
+               link_a_cover, link_the_manifest]
 
 
 @posix_only
@@ -3798,11 +3753,10 @@ def test_a_duplicate_of_a_done_task_is_answered_from_a_read_only_dir(start, cdn,
 
 
 # Where the store keeps files of its own, something else may have been put.
-PLANT_PLACES = {".locks/X": "before start", ".locks/record-11": "before start",
-                ".locks/images-11": "before start",            # crc32(b"X") % 64 == 11 "X/.task.json.1.2": "before start",
+PLANT_PLACES = {cr.DB_NAME: "before start", cr.DB_NAME + "-wal": "before start",
+                cr.DB_NAME + "-shm": "before start", cr.LOCK_NAME: "before start",
                 "X/.cover_1.part": "before start", "X/cover_1.png": "before start",
-                ".index/pending.X": "running", ".index/failed.X": "running",
-                ".tmp": "before start"}
+                "X/.task.json.part": "before start"}
 
 
 @posix_only
@@ -3815,7 +3769,6 @@ def test_whatever_stands_where_the_store_keeps_a_file_never_wedges_it(
     (outside / "keep").write_bytes(b"keep")
     url = cdn.route("/p.png", ok(PNG))
     covers.mkdir()
-    (covers / ".locks").mkdir()
     if PLANT_PLACES[place] == "before start":
         pending_on_disk(covers, "X", url)
         plant_entry(covers / place, kind, outside)
@@ -3850,12 +3803,17 @@ def test_retry_from_a_root_shell_leaves_files_owned_by_the_service_user(cdn):
             wait_status(folder, "owned", "failed")
             result = run_cli("retry", "owned", "--dir", folder)      # as root
             assert result.returncode == 0, result.stdout + result.stderr
+            wait_for(lambda: os.path.exists(os.path.join(folder, "owned", "task.json")),
+                     what="the manifest")
             for name in ("cover_1.png", "task.json"):
                 assert os.stat(os.path.join(folder, "owned", name)).st_uid == nobody
             assert run_cli("expect", "later", "--dir", folder).returncode == 0     # as root
-            for path in ("later", "later/task.json", ".index/pending.later"):
-                assert os.stat(os.path.join(folder, path)).st_uid == nobody
         finally:
             assert serve.stop() == 0
+        # With no serve running, a root command opens the database itself: as its owner.
+        assert run_cli("expect", "after", "--dir", folder).returncode == 0
+        assert run_cli("status", "--dir", folder).returncode == 0
+        for name in os.listdir(folder):
+            assert os.stat(os.path.join(folder, name)).st_uid == nobody, name
     finally:
         shutil.rmtree(top)
