@@ -3263,6 +3263,14 @@ class Handlers:
         self.wake_out.close()
 
 
+def listener(config):
+    """The listening socket of --host and --port (:: takes IPv4 too)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return socket.create_server(address, family=family, backlog=128, dualstack_ipv6=(
+        family == socket.AF_INET6 and socket.has_dualstack_ipv6()))
+
+
 def server_tls(config):
     """The TLS context of --tls-cert and --tls-key (TLS 1.2 or later)."""
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -3272,25 +3280,18 @@ def server_tls(config):
 
 
 class Front:
-    """The one thread that touches the server's sockets (selectors): it
-    accepts, does the TLS handshake, reads each request whole (a head within
-    HEAD_LIMIT, a body within --max-body-bytes), hands the bytes to a handler
-    thread, and sends back the answer the handler made. So a socket and its
-    TLS object are only ever used by this thread, and a slow client costs a
+    """The one thread that touches the server's sockets (selectors): it accepts,
+    does the TLS handshake, reads each request whole (head, then body by its
+    Content-Length), hands it to Handlers and sends the answer back. A socket
+    and its TLS object are used by this thread alone; a slow client costs a
     descriptor and a bounded buffer, never a thread."""
 
     def __init__(self, config, receiver, listen_socket=None):
         self.config, self.receiver = config, receiver
         self.tls = server_tls(config) if config.tls_cert else None
-        if listen_socket is None:
-            family, _, _, _, address = socket.getaddrinfo(
-                config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            listen_socket = socket.create_server(address, family=family, backlog=128,
-                                                 dualstack_ipv6=family == socket.AF_INET6
-                                                 and socket.has_dualstack_ipv6())
-        self.listener = listen_socket
+        self.listener = listen_socket or listener(config)
         self.listener.setblocking(False)
-        self.address = listen_socket.getsockname()
+        self.address = self.listener.getsockname()
         self.capacity = min(config.max_connections, Platform.socket_budget())
         self.body_cap = max(BUFFERED_BODIES, config.max_body_bytes)
         self.buffered = self.in_flight = 0
@@ -3300,17 +3301,7 @@ class Front:
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.handlers.wake_in, selectors.EVENT_READ, "wake")
         self.thread = threading.Thread(target=self.serve, name="http", daemon=True)
-        self.stopping = None            # monotonic deadline for answers in flight, once stopping
-
-    def reload_tls(self):
-        """SIGHUP: new connections get the renewed certificate; a pair that
-        does not load leaves the one in use."""
-        try:
-            self.tls = server_tls(self.config)
-            log_event("tls-reloaded", cert=self.config.tls_cert)
-        except (OSError, ssl.SSLError) as exc:
-            log_event("tls-reload-failed", level=logging.ERROR, cert=self.config.tls_cert,
-                      reason=exc, note="the certificate in use is kept")
+        self.stopping = None            # once stopping: the deadline for answers in flight
 
     def close(self, wait):
         """Stop accepting; send the answers of requests already whole (for up
@@ -3333,10 +3324,9 @@ class Front:
                     self._take_answers()
                 else:
                     self._advance(key.data, events)
-            now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + 0.1
-                self._sweep(now)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + 0.1
+                self._sweep(time.monotonic())
         self._close_all()
 
     def _answers_pending(self):
@@ -3386,9 +3376,7 @@ class Front:
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def _make_room(self):
-        """At the cap, the client holding the most connections whose request
-        is not whole gives up its oldest one: no flood of idle, half-sent or
-        dripping connections denies another client."""
+        """At the cap, a connection whose request is not whole gives way (Unfinished)."""
         victim = self.waiting.victim()
         if victim is None:
             return False
@@ -3917,9 +3905,14 @@ class Receiver:
         """SIGHUP (systemctl reload): reload the TLS certificate, and look for
         what commands left now; nothing is dropped."""
         log_event("reload", note="looking for requested work now")
-        if self.front.tls:
-            self.front.reload_tls()
         self.next_look = 0.0
+        if self.front.tls:              # new connections get a renewed certificate
+            try:
+                self.front.tls = server_tls(self.config)
+                log_event("tls-reloaded", cert=self.config.tls_cert)
+            except (OSError, ssl.SSLError) as exc:
+                log_event("tls-reload-failed", level=logging.ERROR, cert=self.config.tls_cert,
+                          reason=exc, note="the certificate in use is kept")
 
     def healthy(self, within):
         return time.monotonic() - self.heartbeat < within and self.pipeline.scheduler.alive()

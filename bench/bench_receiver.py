@@ -472,7 +472,7 @@ def durable_rates(work, rounds, seconds):
               "%.0f/s after" % (disk_before, disk_rate(work, 0.5))]
     rows = []
     for peer, name, target in (("durable", "bare stdlib durable", 0.9),
-                               ("flask", "seed Flask (no disk)", 1.1)):
+                               ("flask", "seed Flask (no disk)", 1.2)):
         if peer in results:
             rows += [("durable callbacks/s vs " + name, median("receiver", 0), median(peer, 0),
                       paired(peer, 0), ">= %gx" % target, lambda o, r, t=target: r >= t),
@@ -795,7 +795,7 @@ def main(argv=None):
         rows += rates
         rows += throughput(work, "big", 2 if quick else 6, 2_000_000 if quick else 20_000_000,
                            target=1.0)
-        rows += throughput(work, "small", 20 if quick else 200, 200_000, target=0.9)
+        rows += throughput(work, "small", 20 if quick else 200, 200_000, target=1.0)
         rows += catch_up(work, 20 if quick else 2000, 300_000)
         rows += startup(work, pending=50 if quick else 1000)
         rows += history(work, args.history or (2000 if quick else 100_000),
