@@ -1192,7 +1192,7 @@ class Store:
 
     COLUMNS = "task_id, status, hook, open, wake, manifest, updated, record"
 
-    def __init__(self, root):
+    def __init__(self, root, check=False):
         self.root = os.path.abspath(root)
         self.path = os.path.join(self.root, DB_NAME)
         self.damaged = None             # the note left when a damaged database was set aside
@@ -1204,7 +1204,7 @@ class Store:
             set_aside_planted(os.path.join(self.root, name))
         self.fresh = not os.path.exists(self.path)
         try:
-            self._open()
+            self._open(check)
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise
@@ -1218,15 +1218,16 @@ class Store:
         conn.execute("PRAGMA busy_timeout = %d" % (BUSY_SECONDS * 1000))
         return conn
 
-    def _open(self):
-        """Open (or create) the database, check it, bring its schema to
-        SCHEMA_VERSION. A damaged file raises sqlite3.DatabaseError."""
+    def _open(self, check=False):
+        """Open (or create) the database, check it (serve's start: O(its
+        size), PRAGMA quick_check), bring its schema to SCHEMA_VERSION. A
+        damaged file raises sqlite3.DatabaseError."""
         self._writer = self._connect(self.path)
         self._writer.execute("PRAGMA journal_mode = WAL")
         self._writer.execute("PRAGMA synchronous = FULL")
-        check = self._writer.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise sqlite3.DatabaseError("quick_check: %s" % check)
+        found = self._writer.execute("PRAGMA quick_check").fetchone()[0] if check else "ok"
+        if found != "ok":
+            raise sqlite3.DatabaseError("quick_check: %s" % found)
         version = self._writer.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise UsageError("%s was written by a newer cover_receiver (schema %d)"
@@ -1608,11 +1609,11 @@ class FileOut:
         self.size += len(data)
 
 
-def open_store(config):
+def open_store(config, check=False):
     """The store for --dir (created, and a 1.x folder imported), or a UsageError."""
     try:
         os.makedirs(config.dir, exist_ok=True)
-        store = Store(config.dir)
+        store = Store(config.dir, check)
         try:
             if store.fresh:
                 import_1x(store)
@@ -3821,7 +3822,7 @@ class Receiver:
                              % (config.host, config.port, exc.strerror or exc)) from None
         try:
             self.lock = owner_lock(config, "serve")
-            self.store = open_store(config)
+            self.store = open_store(config, check=True)
         except BaseException:
             self.front.close(0)
             raise
@@ -4489,6 +4490,10 @@ def main(argv=None, env=None):
     except UsageError as exc:
         print("cover_receiver: error: %s" % exc, file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:         # a command's database (serve checks it at start)
+        print("cover_receiver: error: the database in --dir cannot be used: %s (a damaged one "
+              "is set aside when serve starts)" % db_reason(exc), file=sys.stderr)
+        return 1
     except SystemExit as exc:            # argparse --help / --version
         return exc.code or 0
 
