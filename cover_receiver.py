@@ -1026,27 +1026,31 @@ class Platform:
 
     @staticmethod
     def become_owner(path):
-        """A command run as root on a <dir> that another user owns (root beside
-        a DynamicUser= service) goes on as that user, so every file it makes,
-        the database's -wal and -shm included, is the service's to open.
-        Returns the path to use then: a DynamicUser= state directory sits
-        under /var/lib/private (root only), so it is entered first and, on
-        Linux, reached as /proc/self/cwd (a link the kernel follows without
-        walking the path's parents again)."""
+        """A command run as root that does the work on a <dir> another user
+        owns goes on as that user, so every file it makes (covers, the
+        database's -wal and -shm) is theirs to open. False when that user
+        cannot reach <dir> (a DynamicUser= state directory, under a root-only
+        /var/lib/private): only the service can work there."""
         if WINDOWS or os.geteuid() != 0:
-            return path
-        try:
-            info = os.stat(path)
-        except OSError:
-            return path
+            return True
+        info = os.stat(path)
         if info.st_uid == 0:
-            return path
-        os.chdir(path)
+            return True
+        if not reachable(path, info.st_uid, info.st_gid):
+            return False
         os.setgroups([])
         os.setgid(info.st_gid)
         os.setuid(info.st_uid)
         log_event("running-as", uid=info.st_uid, gid=info.st_gid, note="the owner of --dir")
-        return path if os.access(path, os.X_OK) or not LINUX else "/proc/self/cwd"
+        return True
+
+    @staticmethod
+    def give_to_owner(fd, folder):
+        """root made a file in a folder another user owns: make it theirs."""
+        if not WINDOWS and os.geteuid() == 0:
+            info = os.stat(folder)
+            if info.st_uid != 0 and os.fstat(fd).st_uid == 0:
+                os.fchown(fd, info.st_uid, info.st_gid)
 
     @staticmethod
     def socket_budget():
@@ -1123,6 +1127,20 @@ class Platform:
             if last:
                 raise OSError(errno.EEXIST, "not a regular file", path)
             remove_entry(path)
+
+
+def reachable(path, uid, gid):
+    """Whether uid (in gid) may search every folder above path."""
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        info = os.stat(parent)
+        mode = info.st_mode
+        if not (mode & stat.S_IXOTH or (info.st_uid == uid and mode & stat.S_IXUSR)
+                or (info.st_gid == gid and mode & stat.S_IXGRP)):
+            return False
+        if parent == os.path.dirname(parent):
+            return True
+        parent = os.path.dirname(parent)
 
 
 def remove_entry(path):
@@ -1488,6 +1506,7 @@ class OwnerLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | Platform.NO_LINK | Platform.NO_WAIT,
                      0o644)
         try:
+            Platform.give_to_owner(fd, os.path.dirname(self.path))
             os.lseek(fd, self.REGION, os.SEEK_SET)
             if not Platform.lock(fd, wait):
                 os.close(fd)
@@ -1499,6 +1518,19 @@ class OwnerLock:
         os.write(fd, ("%s %d\n" % (who, os.getpid())).ljust(self.REGION - 1).encode())
         self.fd = fd
         return True
+
+    def held(self):
+        """Whether a process holds the lock now (the lock file is not made)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | Platform.NO_LINK | Platform.NO_WAIT)
+        except OSError:
+            return False
+        try:
+            os.lseek(fd, self.REGION, os.SEEK_SET)
+            free = Platform.lock(fd, False)
+        finally:
+            Platform.unlock(fd)
+        return not free
 
     def holder(self):
         """What the lock file says holds it: "serve 1234", or ""."""
@@ -4152,8 +4184,11 @@ def command_session(config, who, must_exist=False):
     """(store, lock) for a command: lock None when serve runs on <dir>."""
     if must_exist and not os.path.isdir(config.dir):
         raise UsageError("--dir %s does not exist" % config.dir)
-    config = dataclasses.replace(config, dir=Platform.become_owner(config.dir))
     lock = owner_lock(config, who)
+    if lock is not None and not Platform.become_owner(config.dir):
+        raise UsageError("no serve runs on --dir %s, and its owner (uid %d) cannot reach it "
+                         "from here (a DynamicUser= state directory): start the service, which "
+                         "does the work" % (config.dir, os.stat(config.dir).st_uid))
     return open_store(config), lock
 
 
@@ -4376,7 +4411,9 @@ def run_status(config, env):
     (--all: every task, the summary last); --json: one object per line."""
     if not os.path.isdir(config.dir):
         raise UsageError("--dir %s does not exist" % config.dir)
-    store = open_store(dataclasses.replace(config, dir=Platform.become_owner(config.dir)))
+    if not OwnerLock(config.dir).held():
+        Platform.become_owner(config.dir)   # else root reads beside serve: its files exist
+    store = open_store(config)
     if config.task_ids:
         return print_record(store, config.task_ids[0])
     records = store.all_records() if config.all else [
