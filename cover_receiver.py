@@ -1378,8 +1378,9 @@ class Store:
 
     def manifest_written(self, task_id):
         """The task's task.json is written (inside write()); its record is as it was."""
-        self._writer.execute("UPDATE task SET manifest = 0, open = (status != 'done' OR hook IN "
-                             "('pending', 'failed')) WHERE task_id = ?", (task_id,))
+        self._writer.execute("UPDATE task SET manifest = 0, open = (status != 'done' OR "
+                             "ifnull(hook, '') IN ('pending', 'failed')) WHERE task_id = ?",
+                             (task_id,))
 
     def take_wakes(self):
         """The tasks commands changed, with their manifest flags, marked taken."""

@@ -1904,10 +1904,19 @@ def test_success_after_failure_callback_downloads(start, cdn):
     assert wait_status(receiver.dir, "late", "done")["code"] == 200
 
 
-def test_a_task_that_ends_gets_its_manifest_the_record_status_json_prints(start, cdn, capfd):
+def open_flags(folder, task_id):
+    with contextlib.closing(sqlite3.connect(os.path.join(folder, cr.DB_NAME))) as db:
+        return db.execute("SELECT open, manifest FROM task WHERE task_id = ?",
+                          (task_id,)).fetchone()
+
+
+def test_a_task_that_ends_gets_its_manifest_the_record_status_json_prints(start, cdn, capfd,
+                                                                          caplog):
     receiver = start(*allow_loopback())
     post(receiver.url, payload("man", [cdn.route("/m.png", ok(PNG))]))
     wait_for(lambda: manifest(receiver.dir, "man"), what="task.json")
+    wait_for(lambda: open_flags(receiver.dir, "man") == (0, 0), what="the task closed")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert cr.main(["status", "--dir", receiver.dir, "man"], env={}) == 0
     printed = json.loads(capfd.readouterr().out)
     assert manifest(receiver.dir, "man") == printed
