@@ -1205,8 +1205,8 @@ class Store:
     code that writes SQL. The database is in WAL mode with synchronous=FULL:
     a commit that returned is on disk. write() runs a change in a
     transaction that it shares with the changes other threads queued
-    meanwhile (group commit: one fsync for many callbacks); reads have a
-    connection of their own."""
+    meanwhile (group commit: one fsync for many callbacks); each thread
+    reads through a connection of its own."""
 
     COLUMNS = "task_id, status, hook, open, wake, manifest, updated, record"
 
@@ -1214,13 +1214,12 @@ class Store:
         self.root = os.path.abspath(root)
         self.path = os.path.join(self.root, DB_NAME)
         self.damaged = None             # the note left when a damaged database was set aside
-        self.fresh = False              # made now (or anew for a damaged one): 1.x import due
         self._queue, self._leading = [], False
         self._queued = threading.Condition()
         self._readers, self._local = [], threading.local()     # a read connection per thread
         for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
             set_aside_planted(os.path.join(self.root, name))
-        self.fresh = not os.path.exists(self.path)
+        self.fresh = not os.path.exists(self.path)     # made now (or anew): 1.x import due
         try:
             self._open(check)
         except sqlite3.DatabaseError as exc:
