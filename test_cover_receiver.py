@@ -1723,6 +1723,7 @@ def test_the_database_is_one_sqlite_file_in_wal_mode_with_full_sync_and_a_schema
         assert db.execute("PRAGMA user_version").fetchone()[0] == cr.SCHEMA_VERSION
         assert [row[0] for row in db.execute("SELECT task_id FROM task")] == ["row"]
     assert receiver.store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+    wait_for(lambda: manifest(receiver.dir, "row"), what="row's task.json")   # a worker writes it
     assert sorted(os.listdir(receiver.dir)) == sorted(STORE_FILES | {"row"})
 
 
