@@ -1101,12 +1101,17 @@ class Platform:
         process group with setsid. Elsewhere there is no portable way (README)."""
         if not LINUX:
             return
-        needle = b"\0" + marker.encode()
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError, ValueError):
-                with open("/proc/%s/environ" % pid, "rb") as handle:
-                    if needle in b"\0" + handle.read():
-                        os.kill(int(pid), signal.SIGKILL)
+        needle, killed = b"\0" + marker.encode(), True
+        for _ in range(10):         # again while one was found: it may have forked meanwhile
+            if not killed:
+                return
+            killed = False
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError, ValueError):
+                    with open("/proc/%s/environ" % pid, "rb") as handle:
+                        if needle in b"\0" + handle.read():
+                            os.kill(int(pid), signal.SIGKILL)
+                            killed = True
 
     @classmethod
     def open_here(cls, path, flags, mode=0o644):
@@ -3063,6 +3068,8 @@ class HookRunner:
             log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
             return None, "cannot start: %s" % os_reason(exc)
         output = HookOutput(self.current.stdout)
+        if self.stopped:        # stop() came while Popen ran, and found no hook to kill
+            self._kill(self.current, self._marker)
         try:
             code = self.current.wait(self.timeout)
         except subprocess.TimeoutExpired:

@@ -2693,6 +2693,23 @@ def test_stop_ends_a_running_hook_and_what_it_started_and_its_run_stays_pending(
     assert record(tmp_path / "c", "stopped")["hook"]["status"] == "pending"
 
 
+def test_a_stop_that_comes_while_the_hook_is_being_started_still_kills_it(tmp_path, monkeypatch):
+    hook, pidfile = daemon_hook(tmp_path)
+    runner = cr.HookRunner(cr.Config(on_complete=cr._command(hook), hook_timeout=60), str(tmp_path))
+    started, real_popen = [], subprocess.Popen
+
+    def popen_then_stop(*args, **kwargs):       # stop() lands before Popen has returned
+        started.append(real_popen(*args, **kwargs))
+        runner.stop()
+        return started[0]
+    monkeypatch.setattr(cr.subprocess, "Popen", popen_then_stop)
+    item = cr.WorkItem("end", "raced", 0, 0.0, 0.0, 0)
+    began = time.monotonic()
+    assert runner.run(item, {"status": "done"}) is None          # cut short: stays pending
+    assert started[0].poll() is not None and time.monotonic() - began < 30
+    assert not pidfile.exists() or gone(int(pidfile.read_text()))
+
+
 def test_a_failing_hook_is_retried_until_it_succeeds(start, cdn, tmp_path):
     script, runs = counting_hook(tmp_path, "sys.exit(0 if env['COVER_HOOK_TRY'] == '3' else 1)\n")
     receiver = start(*allow_loopback(), "--on-complete", script)
