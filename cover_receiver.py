@@ -14,6 +14,7 @@ Usage:
                                                           record cover tasks to expect
     python3 cover_receiver.py generate MUSIC_TASK_ID... --callback-url URL
                                                           create cover tasks, and expect them
+    python3 cover_receiver.py --version | --help | COMMAND --help
 
 Give the API this callBackUrl:
     https://<your host>/suno-cover-callback              (add ?token=<token> if one is set)
@@ -44,6 +45,8 @@ Secrets are never command-line values:
     COVER_RECEIVER_HMAC_KEY   kie.ai webhook signing key (or --hmac-key-file)
     COVER_RECEIVER_TOKEN      required ?token= on the callback URL (or --token-file)
     SUNO_API_KEY              API key for fetch, generate and serve's recovery
+    (or, under systemd's LoadCredential=, files in $CREDENTIALS_DIRECTORY named
+    token, hmac-key, api-key, tls-cert and tls-key)
 
 Files: <dir>/cover_receiver.db (the records), <dir>/<taskId>/cover_1.png, ...
 and task.json (the record, written when the task ends).
@@ -310,15 +313,72 @@ def escape(value, limit=200):
 
 
 def log_event(event, task=None, level=logging.INFO, **fields):
+    """One log line: `event task=ID key=value...`, each value escape()d and
+    in double quotes when it holds a space (a quote in it is \\x22), so the
+    line splits on spaces. LogFormat writes it as text or as JSON."""
     if not LOG.isEnabledFor(level):
         return
-    parts = [event]
-    if task is not None:
-        parts.append("task=" + escape(task))
-    parts.extend("%s=%s" % (key, escape(val)) for key, val in fields.items())
+    parts = [event] + ([] if task is None else [("task", task)]) + list(fields.items())
+    text = " ".join(part if isinstance(part, str) else "%s=%s" % (part[0], quote(part[1]))
+                    for part in parts)
     # The record made here, not by LOG.log(), which looks up the caller's
     # file and line in the stack for every line: no format here prints them.
-    LOG.handle(LOG.makeRecord(LOG.name, level, "", 0, " ".join(parts), None, None))
+    record = LOG.makeRecord(LOG.name, level, "", 0, text, None, None)
+    record.event, record.task, record.fields = event, task, fields
+    LOG.handle(record)
+
+
+def quote(value):
+    text = escape(value)
+    return text if text and " " not in text and '"' not in text else \
+        '"%s"' % text.replace('"', "\\x22")
+
+
+class LogFormat(logging.Formatter):
+    """A log line as text (UTC time, level, message) or as one JSON object
+    (--log-format json: ts, level, event, taskId, the event's fields). When
+    stderr is the journal, each line starts with its syslog priority, "<4>"
+    for a warning (sd-daemon(3)), so `journalctl -p warning` finds it."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def __init__(self, as_json=False, journal=False):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.converter = time.gmtime                # UTC, like task.json's times
+        self.as_json, self.journal = as_json, journal
+
+    def format(self, record):
+        text = self.json_line(record) if self.as_json else super().format(record)
+        if not self.journal:
+            return text
+        prefix = "<%d>" % self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+    def json_line(self, record):
+        event, fields = getattr(record, "event", None), getattr(record, "fields", None)
+        if fields is None:          # a line not from log_event: a crash's, with its traceback
+            event, _, message = record.getMessage().partition(" ")
+            fields = {"message": message}
+            if record.exc_info:
+                fields["traceback"] = self.formatException(record.exc_info)
+        line = {"ts": utc_now(record.created), "level": record.levelname, "event": event}
+        if getattr(record, "task", None) is not None:
+            line["taskId"] = escape(record.task)
+        for key, value in fields.items():
+            plain = type(value) is bool or type(value) in (int, float) and abs(value) < 2 ** 53
+            line[key] = value if plain or value is None else escape(value, 4000)
+        return json.dumps(line)
+
+
+def stderr_is_journal(env):
+    """systemd.exec(5): $JOURNAL_STREAM is "DEVICE:INODE" of the stream that
+    goes to the journal; it is stderr's when they match."""
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return env.get("JOURNAL_STREAM") == "%d:%d" % (stat.st_dev, stat.st_ino)
 
 
 def parse_utc(text):
@@ -461,7 +521,13 @@ def _command(text):
     if not argv:
         raise ValueError("must name a command")
     if shutil.which(argv[0]) is None:
-        raise ValueError("%s is not an executable program" % escape(argv[0]))
+        program = escape(argv[0])
+        if os.path.basename(argv[0]) == argv[0]:
+            raise ValueError("%s is not found on PATH: give its path" % program)
+        if not os.path.exists(argv[0]):
+            raise ValueError("%s does not exist" % program)
+        raise ValueError("%s is not an executable program%s" % (program, "" if WINDOWS or
+                         os.path.isdir(argv[0]) else " (chmod +x %s)" % shlex.quote(argv[0])))
     return tuple(argv)
 
 
@@ -503,6 +569,12 @@ def _callback_url(text):
     return text
 
 
+def _log_format(text):
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json, not %s" % escape(text, 40))
+    return text
+
+
 def _readable_file(text):
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise ValueError("%r is not a readable file" % text)
@@ -520,12 +592,19 @@ class Option:
     metavar: str = "N"
     defaults: tuple = ()        # (command, default) pairs where a command differs
     flag: bool = False          # takes no value on the command line (env: yes/no)
+    credential: str = None      # its default file under systemd's $CREDENTIALS_DIRECTORY
 
-    def default_for(self, command):
+    def default_for(self, command, env=None):
+        """The default; for a file option, the systemd credential of its name
+        when the unit loads one (systemd.exec(5), LoadCredential=)."""
+        folder = (env or {}).get("CREDENTIALS_DIRECTORY")
+        if self.credential and folder and os.path.isfile(os.path.join(folder, self.credential)):
+            return os.path.join(folder, self.credential)
         return dict(self.defaults).get(command, self.default)
 
 
 DOWNLOAD = ("serve", "fetch", "retry")
+COMMANDS = ("serve", "fetch", "retry", "status", "expect", "generate")
 API = ("serve", "fetch", "generate")
 OPTIONS = (
     Option("host", "0.0.0.0", _text, "listen address (IPv6 literal allowed)", metavar="HOST"),
@@ -554,13 +633,14 @@ OPTIONS = (
            "turns off the public-address check", DOWNLOAD, repeat=True, metavar="HOST"),
     Option("user-agent", DEFAULT_USER_AGENT, _text, "User-Agent sent to image hosts and the API",
            DOWNLOAD + ("generate",), metavar="UA"),
-    Option("hmac-key-file", None, _readable_file,
-           "file holding the kie.ai signing key (or env COVER_RECEIVER_HMAC_KEY)", metavar="FILE"),
-    Option("token-file", None, _readable_file,
-           "file holding the ?token= secret (or env COVER_RECEIVER_TOKEN)", metavar="FILE"),
+    Option("hmac-key-file", None, _readable_file, "file holding the kie.ai signing key (or "
+           "env COVER_RECEIVER_HMAC_KEY)", metavar="FILE", credential="hmac-key"),
+    Option("token-file", None, _readable_file, "file holding the ?token= secret (or env "
+           "COVER_RECEIVER_TOKEN)", metavar="FILE", credential="token"),
     Option("tls-cert", None, _readable_file, "certificate chain (PEM) to serve HTTPS",
-           metavar="FILE"),
-    Option("tls-key", None, _readable_file, "private key (PEM) to serve HTTPS", metavar="FILE"),
+           metavar="FILE", credential="tls-cert"),
+    Option("tls-key", None, _readable_file, "private key (PEM) to serve HTTPS", metavar="FILE",
+           credential="tls-key"),
     Option("on-complete", None, _command,
            "command run when a task ends; its folder is appended as last argument",
            ("serve", "retry"), metavar="CMD"),
@@ -580,13 +660,16 @@ OPTIONS = (
            "the vendor API (kie.ai: https://api.kie.ai); serve uses it only with an API key",
            API, metavar="URL"),
     Option("api-key-file", None, _readable_file, "file holding the API key (or env "
-           "SUNO_API_KEY); turns on serve's recovery of expected tasks", API, metavar="FILE"),
+           "SUNO_API_KEY); turns on serve's recovery of expected tasks", API, metavar="FILE",
+           credential="api-key"),
     Option("recover-after", "600", _seconds(0), "seconds after a task became expected, with "
            "no callback, before serve asks record-info", metavar="SECONDS"),
     Option("interval", "30", _seconds(0.01), "seconds between record-info polls of a task "
            "still generating", ("serve", "fetch"), metavar="SECONDS"),
     Option("confirm", "no", _boolean, "with an API key: take a success callback's images "
            "from record-info, never from its body", flag=True, metavar="YES|NO"),
+    Option("log-format", "text", _log_format, "log lines as text, or as one JSON object "
+           "each (ts, level, event, taskId, fields)", COMMANDS, metavar="text|json"),
     Option("parent", None, _task_id, "the music taskId the cover tasks belong to",
            ("expect",), metavar="MUSIC_TASK_ID"),
     Option("callback-url", None, _callback_url, "the callBackUrl the API is given (this "
@@ -634,6 +717,7 @@ class Config:
     parent: str = None
     callback_url: str = None
     wait: float = None
+    log_format: str = "text"
     # Read from files or the environment, never argv:
     hmac_key: bytes = None
     token: str = None
@@ -654,33 +738,48 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 COMMAND_HELP = {
-    "fetch": "Poll the record-info API for each TASKID (key in SUNO_API_KEY) and\n"
-             "download its covers as a callback would. Exit 0 all done, 1 any\n"
-             "failed, 2 usage, 3 any still generating after --wait.",
+    "serve": "Receive callbacks at --path on --host:--port and save their covers in\n"
+             "--dir (the default command). Exit 0 after a stop signal (SIGTERM,\n"
+             "SIGINT: it drains first; a second one exits at once), 2 when it\n"
+             "cannot start (one line says why).",
+    "fetch": "Poll the record-info API for each TASKID and download its covers as\n"
+             "a callback would. Exit 0 all done, 1 any failed, 2 usage, 3 any\n"
+             "still generating after --wait.",
     "retry": "Try the failed images of each TASKID (every failed task when none is\n"
              "named) again now; with --hook, run their failed hooks again instead.\n"
              "A serve running on --dir does the work with its own settings and\n"
              "user; with none, retry does it here. Waits up to --wait for each\n"
-             "task. Exit 0 when every task (or hook) ends done, else 1.",
+             "task. Exit 0 when every task (or hook) ends done, 1 when one does\n"
+             "not, 2 usage.",
     "status": "List the tasks in --dir with why each failed or when it is tried\n"
-              "again, or print one task's record as JSON.",
+              "again, or print one task's record as JSON. Exit 0; 1 no such\n"
+              "TASKID; 2 usage.",
     "expect": "Record each cover TASKID created elsewhere as expected, so that a\n"
               "callback that never comes is noticed (and, with an API key, serve\n"
-              "recovers it from record-info). A known task is left as it is.",
-    "generate": "Create the cover task of each MUSIC_TASK_ID at the API (key in\n"
-                "SUNO_API_KEY) with --callback-url, record it as expected, and\n"
-                "print 'MUSIC_TASK_ID COVER_TASK_ID' per line. Exit 0 when every\n"
-                "music task has a cover task, 1 when the API refused one."}
+              "recovers it from record-info). A known task is left as it is.\n"
+              "Exit 0; 2 usage.",
+    "generate": "Create the cover task of each MUSIC_TASK_ID at the API with\n"
+                "--callback-url, record it as expected, and print 'MUSIC_TASK_ID\n"
+                "COVER_TASK_ID' per line. Exit 0 when every music task has a cover\n"
+                "task, 1 when the API refused one, 2 usage."}
+# The secrets each command reads (never from argv: ps shows argv).
+COMMAND_SECRETS = {
+    "serve": "COVER_RECEIVER_HMAC_KEY (kie.ai signature), COVER_RECEIVER_TOKEN (?token=),\n"
+             "SUNO_API_KEY (recovery of expected tasks); each optional",
+    "fetch": "SUNO_API_KEY (required)", "generate": "SUNO_API_KEY (required)"}
+TASK_ID_HELP = ("a cover task's taskId, as the API gives it (a letter or digit, then up to "
+                "127 letters, digits, - or _)")
 # Each command's own arguments, beside the options in OPTIONS.
 COMMAND_ARGUMENTS = {
-    "fetch": (("task_ids", dict(nargs="+", metavar="TASKID")),),
-    "expect": (("task_ids", dict(nargs="+", metavar="TASKID")),),
-    "generate": (("task_ids", dict(nargs="+", metavar="MUSIC_TASK_ID")),),
-    "status": (("task_ids", dict(nargs="?", metavar="TASKID")),
+    "fetch": (("task_ids", dict(nargs="+", metavar="TASKID", help=TASK_ID_HELP)),),
+    "expect": (("task_ids", dict(nargs="+", metavar="TASKID", help=TASK_ID_HELP)),),
+    "generate": (("task_ids", dict(nargs="+", metavar="MUSIC_TASK_ID",
+                                   help="the music task whose cover is made")),),
+    "status": (("task_ids", dict(nargs="?", metavar="TASKID", help=TASK_ID_HELP)),
                ("--all", dict(action="store_true", help="list every task, done ones too")),
                ("--json", dict(action="store_true",
                                help="one JSON object per task per line, for scripts"))),
-    "retry": (("task_ids", dict(nargs="*", metavar="TASKID")),
+    "retry": (("task_ids", dict(nargs="*", metavar="TASKID", help=TASK_ID_HELP)),
               ("--hook", dict(action="store_true",
                               help="run the failed hooks of these tasks again now, not "
                                    "their images"))),
@@ -689,17 +788,19 @@ COMMAND_ARGUMENTS = {
 
 def build_parser():
     overview = __doc__.split("Options:")[0].strip()
-    epilog = ("Each option also reads COVER_RECEIVER_<NAME> (--max-image-bytes -> "
-              "COVER_RECEIVER_MAX_IMAGE_BYTES); the flag wins.\nSecrets come from the "
-              "environment or files only: COVER_RECEIVER_HMAC_KEY, COVER_RECEIVER_TOKEN, "
-              "SUNO_API_KEY.")
     parser = ArgumentParser(prog="cover_receiver.py", allow_abbrev=False, description=overview,
+                            epilog="`cover_receiver.py COMMAND --help` gives a command's "
+                                   "options and the secrets it reads.",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="cover_receiver " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{%s}" % ",".join(COMMANDS))
     for command in COMMANDS:
-        text = COMMAND_HELP.get(command, overview)
-        sub = commands.add_parser(command, help=text.splitlines()[0], description=text,
+        text = COMMAND_HELP[command]
+        epilog = ("Each option also reads COVER_RECEIVER_<NAME> (--max-image-bytes -> "
+                  "COVER_RECEIVER_MAX_IMAGE_BYTES); the flag wins.\nSecrets, from the "
+                  "environment or files only: %s." % COMMAND_SECRETS.get(command, "none"))
+        sub = commands.add_parser(command, help=" ".join(text.split()).split(". ")[0],
+                                  description=text,
                                   epilog=epilog, allow_abbrev=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         for name, settings in COMMAND_ARGUMENTS.get(command, ()):
@@ -713,6 +814,10 @@ def build_parser():
 def add_option(parser, opt, default):
     """--name for one of OPTIONS, its default shown in the help."""
     text = opt.help + ("" if default is None else " (default: %s)" % default)
+    if opt.credential:
+        text += " (default: $CREDENTIALS_DIRECTORY/%s, when it exists)" % opt.credential
+    if opt.repeat:
+        text += " (env: comma-separated)"
     if opt.flag:
         parser.add_argument("--" + opt.name, action="store_const", const="yes", help=text)
     else:
@@ -757,7 +862,7 @@ def _read_secret(path, env, env_name, option):
 def build_config(argv, env):
     """Parse argv + env into a Config, or raise UsageError naming the option."""
     argv = list(argv)
-    if not argv or argv[0] not in COMMANDS + ("--version",):
+    if not argv or argv[0] not in COMMANDS + ("--version", "--help", "-h"):
         if argv and not argv[0].startswith("-"):
             raise UsageError("unknown command %s: the commands are %s"
                              % (escape(argv[0], 40), ", ".join(COMMANDS)))
@@ -786,7 +891,7 @@ def option_values(args, env):
             raw = env[env_name].split(",") if opt.repeat else env[env_name]
             origin = "%s (from %s)" % (origin, env_name)
         if raw is None:
-            raw = opt.default_for(args.command)
+            raw = opt.default_for(args.command, env)
         if raw is None:
             continue
         try:
@@ -830,7 +935,6 @@ def _needs_callback_url(args, values, env):
         raise UsageError("generate needs --callback-url URL: where the API posts the callback")
 
 
-COMMANDS = ("serve", "fetch", "retry", "status", "expect", "generate")
 COMMAND_EXTRAS = {"serve": (_serve_secrets, _api_key), "fetch": (_api_key, _task_ids),
                   "retry": (_task_ids,), "status": (_task_ids,),
                   "expect": (_task_ids,),
@@ -1659,8 +1763,30 @@ def open_store(config, check=False):
             raise
         return store
     except (OSError, sqlite3.OperationalError) as exc:
-        raise UsageError("--dir %s is not writable: %s" % (config.dir, os_reason(exc)
-                                                           if isinstance(exc, OSError) else exc))
+        raise not_writable(config.dir, exc) from None
+
+
+def not_writable(folder, exc):
+    """The UsageError for a --dir that takes no writes, naming who this runs
+    as and who owns the folder (or its nearest existing parent)."""
+    text = "--dir %s is not writable: %s" % (
+        folder, os_reason(exc) if isinstance(exc, OSError) else exc)
+    if hasattr(os, "getuid"):
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        with contextlib.suppress(OSError):
+            text += "; this runs as %s, and %s belongs to %s" % (
+                user_name(os.getuid()), existing, user_name(os.stat(existing).st_uid))
+    return UsageError(text)
+
+
+def user_name(uid):
+    try:
+        import pwd                      # POSIX only
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except (ImportError, KeyError):
+        return "uid %d" % uid
 
 
 def import_1x(store):
@@ -4184,7 +4310,7 @@ def owner_lock(config, who):
         lock.take(who, wait=True)
         return lock
     except OSError as exc:
-        raise UsageError("--dir %s is not writable: %s" % (config.dir, os_reason(exc))) from None
+        raise not_writable(config.dir, exc) from None
 
 
 def command_session(config, who, must_exist=False):
@@ -4519,14 +4645,14 @@ def main(argv=None, env=None):
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ) if env is None else env
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.formatter.converter = time.gmtime       # UTC, like task.json's times
+    handler.setFormatter(LogFormat(journal=stderr_is_journal(env)))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     # The format names no process or thread: skip gathering them for every
     # record (logging HOWTO, "Optimization"; logProcesses costs a getpid()).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         config = build_config(argv, env)
+        handler.setFormatter(LogFormat(config.log_format == "json", stderr_is_journal(env)))
         warn_unknown_variables(env)
         commands = {"serve": run_serve, "fetch": run_fetch, "retry": run_retry,
                     "status": run_status, "expect": run_expect, "generate": run_generate}

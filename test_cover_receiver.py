@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -141,15 +142,20 @@ def record(folder, task_id):
 def manifest(folder, task_id):
     """The task.json written into a task's folder when it ended, or None."""
     path = os.path.join(folder, task_id, "task.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.islink(path):    # a test planted a link there
         return None
     with cr.Platform.retry_sharing(open, path) as handle:     # Windows: mid-replace
         return json.load(handle)
 
 
-def wait_status(folder, task_id, status, timeout=WAIT):
-    return wait_for(lambda: (record(folder, task_id) or {}).get("status") == status
-                    and record(folder, task_id), timeout, "%s to be %s" % (task_id, status))
+def wait_status(folder, task_id, status, timeout=WAIT, written=True):
+    """The task's record once it has status; for an ended task (done,
+    failed), once its task.json, which a worker writes just after, says so
+    too (unless not written: a folder that takes no writes)."""
+    ended = written and status in ("done", "failed")
+    return wait_for(lambda: (record(folder, task_id) or {}).get("status") == status and (
+        not ended or (manifest(folder, task_id) or {}).get("status") == status)
+        and record(folder, task_id), timeout, "%s to be %s" % (task_id, status))
 
 
 STORE_FILES = {cr.DB_NAME, cr.DB_NAME + "-wal", cr.DB_NAME + "-shm", cr.LOCK_NAME}
@@ -426,7 +432,7 @@ class ReceiverProcess:
 
     @property
     def url(self):
-        return "http://127.0.0.1:%s/suno-cover-callback" % self.wait_log(r"port=(\d+)").group(1)
+        return "http://127.0.0.1:%s/suno-cover-callback" % self.wait_log(r'port(?:=|": )(\d+)').group(1)
 
     def signal(self, sig=STOP_SIGNAL):
         if WINDOWS:
@@ -715,6 +721,53 @@ def command_line_for(command):
             }.get(command, [command])
 
 
+def readme_block(heading):
+    """The first ```sh block after a README heading, as a list of lines."""
+    text = (pathlib.Path(HERE) / "README.md").read_text(encoding="utf-8")
+    return text.split(heading + "\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(WINDOWS, reason="the block is for sh")
+def test_try_it_locally_works_under_sh_with_only_python3(tmp_path):
+    shims = tmp_path / "bin"                # python3 here is this interpreter, and no curl
+    shims.mkdir()
+    (shims / "python3").symlink_to(sys.executable)
+    shutil.copy(SCRIPT, tmp_path)
+    env = {"PATH": "%s:/bin:/usr/bin" % shims, "HOME": str(tmp_path)}
+    image_port, receiver_port = free_port(), free_port()
+    lines = [line.replace("8000", str(image_port)).replace("3000", str(receiver_port)).replace(
+        "/tmp/img", str(tmp_path / "img")) for line in readme_block("## Try it locally")]
+    assert len(lines) == 3 and all(line.startswith(("python3 ", "mkdir ")) for line in lines)
+    servers = [subprocess.Popen(["sh", "-c", line], cwd=tmp_path, env=env,
+                                start_new_session=True, stderr=subprocess.DEVNULL)
+               for line in (lines[0], lines[1] + " --port %d" % receiver_port)]
+    try:
+        for port in (image_port, receiver_port):
+            wait_for(lambda: connectable(port), what="the server on port %d" % port)
+        sent = subprocess.run(["sh", "-c", lines[2]], cwd=tmp_path, env=env, timeout=60,
+                              capture_output=True, text=True)
+        assert sent.stdout.strip() == '{"status": "received", "taskId": "try1"}', sent.stderr
+        cover = tmp_path / "covers" / "try1" / "cover_1.png"
+        wait_for(lambda: cover.exists(), what="the cover")
+        assert read(cover) == b"\x89PNG\r\n\x1a\nhello"
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def connectable(port):
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
 def test_bare_command_serves_on_3000_into_covers():
     config = cr.build_config([], {})
     assert (config.command, config.port, config.dir, config.path) == \
@@ -731,6 +784,23 @@ def test_every_option_reads_its_env_variable_and_the_flag_wins():
     assert config.port == 5000
     assert config.max_image_bytes == 99
     assert config.allow_host == ("a.example", "*.b.example")
+
+
+def test_systemd_credentials_are_the_defaults_of_the_secret_and_key_files(tmp_path):
+    creds = tmp_path / "credentials"           # what LoadCredential= makes: one file each
+    creds.mkdir()
+    for name in ("token", "hmac-key", "api-key", "tls-cert", "tls-key"):
+        (creds / name).write_text(name + "-value\n")
+    config = cr.build_config([], {"CREDENTIALS_DIRECTORY": str(creds)})
+    assert (config.token, config.hmac_key, config.api_key) == \
+        ("token-value", b"hmac-key-value", "api-key-value")
+    assert (config.tls_cert, config.tls_key) == (str(creds / "tls-cert"), str(creds / "tls-key"))
+    other = tmp_path / "other-token"
+    other.write_text("flag-value")
+    assert cr.build_config(["--token-file", str(other)], {"CREDENTIALS_DIRECTORY": str(
+        creds)}).token == "flag-value"                                   # the flag wins
+    (creds / "token").unlink()
+    assert cr.build_config([], {"CREDENTIALS_DIRECTORY": str(creds)}).token is None
 
 
 @pytest.mark.parametrize("option", cr.OPTIONS, ids=lambda option: option.name)
@@ -770,8 +840,33 @@ def test_version_and_help(capfd):
     assert cr.__version__ in capfd.readouterr().out
     assert cr.main(["--help"], env={}) == 0
     text = capfd.readouterr().out
-    for word in ("callBackUrl", "fetch", "status", "--allow-host", "COVER_RECEIVER_"):
+    for word in ("callBackUrl", "--version", "COMMAND --help") + cr.COMMANDS:
         assert word in text
+
+
+def help_of(command, capfd):
+    assert cr.main([command, "--help"], env={}) == 0
+    return capfd.readouterr().out
+
+
+@pytest.mark.parametrize("command", cr.COMMANDS)
+def test_each_commands_help_gives_its_own_options_secrets_and_exit_statuses(command, capfd):
+    text = help_of(command, capfd)
+    own = {"--" + opt.name for opt in cr.OPTIONS if command in opt.commands}
+    shown = set(re.findall(r"^  (--[a-z-]+)", text, re.M)) - {"--help", "--all", "--json",
+                                                              "--hook"}
+    assert shown == own
+    secrets = {"serve": {"COVER_RECEIVER_HMAC_KEY", "COVER_RECEIVER_TOKEN", "SUNO_API_KEY"},
+               "fetch": {"SUNO_API_KEY"}, "generate": {"SUNO_API_KEY"}}.get(command, set())
+    assert set(re.findall(r"COVER_RECEIVER_[A-Z_]+(?= \()|SUNO_API_KEY", text)) == secrets
+    assert re.search(r"Exit 0\b.*\b2\b", " ".join(text.split()))
+    if "TASKID" in text:
+        assert "a cover task's taskId" in text
+
+
+def test_help_says_a_repeatable_options_variable_is_comma_separated(capfd):
+    assert re.search(r"--allow-host HOST.*\(env: comma-separated\)", " ".join(
+        help_of("serve", capfd).split()))
 
 
 def test_status_lists_tasks_and_prints_one_record(start, cdn, capfd):
@@ -844,7 +939,10 @@ def test_retry_command_reports_each_task_and_exits_1_unless_all_are_done(start, 
 
 
 @pytest.mark.parametrize("argv, env, named", [
-    (["--on-complete", "/no/such/program --flag"], {}, "--on-complete"),
+    (["--on-complete", "/no/such/program --flag"], {}, "/no/such/program does not exist"),
+    (["--on-complete", "no-such-program-here"], {}, "no-such-program-here is not found on PATH"),
+    (["--on-complete", "EMPTY"], {}, "not an executable program" + ("" if WINDOWS else
+                                                                     " (chmod +x")),
     ([], {"COVER_RECEIVER_TOKEN": ""}, "COVER_RECEIVER_TOKEN"),
     ([], {"COVER_RECEIVER_HMAC_KEY": ""}, "COVER_RECEIVER_HMAC_KEY"),
     (["--token-file", "EMPTY"], {}, "--token-file"),
@@ -940,8 +1038,8 @@ def test_a_misspelt_variable_is_a_warning_naming_the_closest_option(tmp_path, ca
     assert cr.main(["status", "--dir", str(tmp_path)], env={"COVER_RECEIVER_ALLOWHOST": "x",
                                                             "COVER_RECEIVER_TOKEN": "t"}) == 0
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert lines == ["unknown-variable name=COVER_RECEIVER_ALLOWHOST note=names no option; "
-                     "ignored; did you mean COVER_RECEIVER_ALLOW_HOST?"]
+    assert lines == ["unknown-variable name=COVER_RECEIVER_ALLOWHOST note=\"names no option; "
+                     "ignored; did you mean COVER_RECEIVER_ALLOW_HOST?\""]
 
 
 def test_status_at_80_columns_wraps_the_reason_and_keeps_the_remedy(start, tmp_path):
@@ -1940,7 +2038,7 @@ def test_a_1_4_folder_is_imported_once_and_its_work_goes_on(start, cdn, tmp_path
         (folder / name).touch()
     receiver = start(*allow_loopback())
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("imported")] \
-        == ["imported tasks=2 corrupt=0 note=1.x task.json records"]
+        == ['imported tasks=2 corrupt=0 note="1.x task.json records"']
     done = wait_status(receiver.dir, "old", "done")
     assert done["files"] == ["cover_1.png"] and done["tries"] == [3]
     assert record(receiver.dir, "gone")["status"] == "failed"
@@ -2094,7 +2192,7 @@ def test_the_issue_reproduction_starts_listens_and_logs_an_error(tmp_path):
     plant_corrupt(folder, "X", "empty object")
     proc = ReceiverProcess(["--port", "0", "--host", "127.0.0.1", "--dir", str(folder)])
     try:
-        proc.wait_log("ERROR record-corrupt task=X reason=task.json has no str taskId")
+        proc.wait_log('ERROR record-corrupt task=X reason="task.json has no str taskId"')
         proc.wait_log("listening")
     finally:
         assert proc.stop() == 0
@@ -2577,7 +2675,7 @@ def test_a_folder_it_cannot_write_is_a_scheduled_visible_error_until_retry_for(
     pending_on_disk(tmp_path / "covers", "ro", url)
     with unwritable(tmp_path / "covers" / "ro"):
         receiver = start(*allow_loopback(), "--retry-for", "1")
-        failed = wait_status(receiver.dir, "ro", "failed")
+        failed = wait_status(receiver.dir, "ro", "failed", written=False)
         assert "cannot save cover_1: " in failed["error"] and "--retry-for ran out" in failed["error"]
         retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retry ")]
         assert retries and all("cannot save cover_1: " in line for line in retries)
@@ -2643,17 +2741,16 @@ def test_hook_output_is_logged_bounded_and_escaped_never_raw(tmp_path, cdn):
     try:
         post(proc.url, payload("h", [cdn.route("/h.png", ok(PNG))]))
         proc.wait_log("hook-exit task=h status=0")
-        proc.wait_log(r"hook-output task=h note=\d+ more bytes not shown")
+        proc.wait_log(r'hook-output task=h note="\d+ more bytes not shown"')
     finally:
         assert proc.stop() == 0
     lines = proc.text().splitlines()
     assert not [line for line in lines if line.startswith("2026-12-01 00:00:00,000")]
-    assert any("hook-output task=h line=2026-12-01 00:00:00,000 INFO task-done task=FORGED" in line
+    assert any('hook-output task=h line="2026-12-01 00:00:00,000 INFO task-done task=FORGED"' in line
                for line in lines)
     assert len(lines) < 60 and len(proc.text()) < 20000
 
 
-@pytest.mark.skipif(not cr.LINUX, reason="finding processes that left the group needs /proc")
 def daemon_hook(tmp_path):
     """A hook that starts a daemon (setsid) and waits: (command, the daemon's pid file)."""
     pidfile = tmp_path / "daemon.pid"
@@ -2673,6 +2770,11 @@ def gone(pid):
         return True
 
 
+LINUX_ONLY = pytest.mark.skipif(not cr.LINUX, reason="a hook's setsid descendants are found "
+                                                    "on Linux only (/proc)")
+
+
+@LINUX_ONLY
 def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, tmp_path):
     hook, pidfile = daemon_hook(tmp_path)
     receiver = start(*allow_loopback(), "--on-complete", hook, hook_timeout=1.0)
@@ -2681,7 +2783,7 @@ def test_a_daemon_a_hook_starts_with_setsid_dies_at_the_time_limit(start, cdn, t
     wait_for(lambda: gone(pid), what="the setsid daemon to be killed")
 
 
-@pytest.mark.skipif(not cr.LINUX, reason="a hook's setsid descendants are found on Linux only")
+@LINUX_ONLY
 def test_stop_ends_a_running_hook_and_what_it_started_and_its_run_stays_pending(tmp_path):
     hook, pidfile = daemon_hook(tmp_path)
     proc = ReceiverProcess(serve_args(tmp_path / "c", "--on-complete", hook,
@@ -3303,6 +3405,9 @@ def test_refuses_to_start_when_the_dir_is_not_writable(tmp_path):
     proc = ReceiverProcess(["--port", "0", "--dir", str(blocker / "covers")])
     status_code, lines = proc.exit()
     assert status_code == 2 and len(lines) == 1 and "not writable" in lines[0]
+    if not WINDOWS:             # who runs, and who owns what is in the way
+        assert "; this runs as %s, and %s belongs to %s" % (
+            cr.user_name(os.getuid()), blocker, cr.user_name(blocker.stat().st_uid)) in lines[0]
 
 
 def test_sigterm_exits_0_and_leaves_unfinished_downloads_pending(tmp_path, cdn):
@@ -3352,6 +3457,54 @@ def test_log_lines_name_the_task_and_escape_attacker_text(start, cdn, caplog):
                for m in messages)
 
 
+def test_a_value_with_spaces_is_quoted_so_a_text_line_splits_on_spaces(caplog):
+    caplog.set_level("INFO", logger="cover_receiver")
+    cr.log_event("rejected", "t1", reason='missing or "wrong" ?token=', status=401, empty="")
+    assert caplog.records[-1].getMessage() == \
+        'rejected task=t1 reason="missing or \\x22wrong\\x22 ?token=" status=401 empty=""'
+    assert shlex.split(caplog.records[-1].getMessage())[2] == 'reason=missing or \\x22wrong\\x22 ?token='
+
+
+def test_log_format_json_writes_one_object_per_line_with_the_events_fields(tmp_path, cdn):
+    proc = ReceiverProcess(serve_args(tmp_path / "c", "--log-format", "json",
+                                      "--allow-host", "127.0.0.1"))
+    try:
+        post(proc.url, payload("js1", [cdn.route("/j.png", ok(PNG))], msg="a b\nc"))
+        proc.wait_log(r'"event": "task-done"')
+    finally:
+        assert proc.stop() == 0
+    lines = [json.loads(line) for line in proc.text().splitlines()]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+               and line["level"] in ("INFO", "WARNING") for line in lines)
+    received = next(line for line in lines if line["event"] == "received")
+    assert received["taskId"] == "js1" and received["code"] == 200
+    assert received["msg"] == "a b\\x0ac"                  # escaped, as in a text line
+    listening = next(line for line in lines if line["event"] == "listening")
+    assert listening["port"] == int(proc.url.split(":")[2].split("/")[0])
+    assert "taskId" not in listening
+
+
+def warning_line(tmp_path, journal_stream=None):
+    """What status prints for an unknown COVER_RECEIVER_ variable (a WARNING),
+    its stderr a file; JOURNAL_STREAM set to that file's device:inode, or to
+    journal_stream."""
+    err_path = tmp_path / "stderr"
+    with open(err_path, "wb") as err:
+        stat = os.fstat(err.fileno())
+        stream = journal_stream or "%d:%d" % (stat.st_dev, stat.st_ino)
+        env = dict(os.environ, COVER_RECEIVER_BOGUS="1", JOURNAL_STREAM=stream)
+        subprocess.run([sys.executable, SCRIPT, "status", "--dir", str(tmp_path)], env=env,
+                       stdout=subprocess.DEVNULL, stderr=err, timeout=60, check=True)
+    return err_path.read_text().strip()
+
+
+@pytest.mark.skipif(WINDOWS, reason="no journal on Windows")
+def test_lines_to_the_journal_carry_their_syslog_priority(tmp_path):
+    assert re.match(r"<4>\S+ \S+ WARNING unknown-variable name=COVER_RECEIVER_BOGUS",
+                    warning_line(tmp_path))
+    assert warning_line(tmp_path, journal_stream="1:1").startswith("20")   # not the journal
+
+
 def test_escape_bounds_and_neutralises_text():
     assert cr.escape("a\r\nb\x00\u2028") == "a\\x0d\\x0ab\\x00\\u2028"
     assert cr.escape("x" * 500).endswith("...") and len(cr.escape("x" * 500)) == 203
@@ -3390,7 +3543,7 @@ def test_secrets_never_reach_logs_answers_or_healthz(tmp_path):
         assert secret not in seen
     assert "received task=sec client=127.0.0.1" in proc.text()
     # The rejection is logged with its reason, and the query (the token) is not.
-    assert "WARNING rejected status=401 client=127.0.0.1 reason=missing or wrong ?token=" \
+    assert 'WARNING rejected status=401 client=127.0.0.1 reason="missing or wrong ?token="' \
         in proc.text()
 
 
@@ -3492,7 +3645,7 @@ def test_start_up_line_names_the_folder_and_the_download_policy(tmp_path):
     try:
         line = proc.wait_log(r"listening .*").group()
         assert "dir=%s " % os.path.abspath(folder) in line
-        assert "downloads=only 127.0.0.1,*.cdn.test " in line
+        assert 'downloads="only 127.0.0.1,*.cdn.test" ' in line
         assert "unprotected" not in proc.text()          # loopback only
     finally:
         assert proc.stop() == 0
@@ -3522,7 +3675,7 @@ def test_a_flood_of_rejections_is_logged_a_few_lines_then_counted(start, caplog)
         return detailed, counted
     wait_for(lambda: sum(map(len, [tally()[0]])) + tally()[1] == 30, what="30 rejections told")
     detailed, counted = tally()
-    assert "reason=body is not JSON" in detailed[0] and "client=127.0.0.1" in detailed[0]
+    assert 'reason="body is not JSON' in detailed[0] and "client=127.0.0.1" in detailed[0]
     assert counted > 0 and len(detailed) < 30         # a flood is counted, not logged line by line
     assert all(r.levelname == "WARNING" for r in caplog.records
                if r.getMessage().startswith("rejected"))

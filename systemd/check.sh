@@ -4,9 +4,10 @@
 # the README's own install and socket blocks, then check READY=1, a callback
 # saved under StateDirectory= as the dynamic user, the hook in the sandbox,
 # systemctl reload, retry from a root shell handing its work to the service,
-# a watchdog restart after SIGSTOP, a draining stop with status 0, and socket
-# activation. Outside CI it skips with one line when no container can boot
-# here; in CI (CI=true) that is a failure. Everything is removed at exit.
+# a watchdog restart after SIGSTOP, a token from LoadCredential=, the journal's
+# identifier and priorities, exit 2 stopping the unit, a draining stop with
+# status 0, and socket activation. Outside CI it skips with one line when no
+# container can boot here; in CI (CI=true) that is a failure. Everything is removed at exit.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /var/tmp/cover-receiver-check.XXXXXX)
@@ -171,14 +172,65 @@ ok "SIGSTOP: watchdog timeout, restarted (pid $before -> $(prop cover-receiver M
 rm -r "$rootfs/etc/systemd/system/cover-receiver.service.d"
 inside systemctl daemon-reload
 
-# 6. systemctl stop drains and exits 0.
+# 6. A token root alone can read, through LoadCredential=: it wins over the env file's.
+dropin=$rootfs/etc/systemd/system/cover-receiver.service.d
+mkdir -p "$dropin"
+printf 'credential-token-%s\n' "$RANDOM$RANDOM" > "$rootfs/etc/cover-receiver/token"
+chmod 600 "$rootfs/etc/cover-receiver/token"
+printf '[Service]\nLoadCredential=token:/etc/cover-receiver/token\n' > "$dropin/check.conf"
+inside systemctl daemon-reload
+inside systemctl restart cover-receiver
+wait_until 20 "the service to be active" is_active
+cred=$(head -n 1 "$rootfs/etc/cover-receiver/token")
+answer=$(post "$cred" '{"code": 501, "msg": "x", "data": {"taskId": "check4", "images": null}}')
+[ "$answer" = '{"status": "received", "taskId": "check4"}' ] || fail "the credential's token: $answer"
+case "$(post "$token" '{"code": 501, "msg": "x", "data": {"taskId": "check5", "images": null}}')" in
+    *401*|*token*) ;; *) fail "the env file's token still works beside the credential";; esac
+ok "LoadCredential=token: read by the dynamic user from a root-only file (600), and it wins"
+
+# 7. The journal: lines named cover-receiver, warnings at priority 4. With no token the
+#    receiver warns "unprotected"; journalctl -p warning must show it.
+grep -v '^COVER_RECEIVER_TOKEN=' "$rootfs/etc/cover-receiver/env" > "$work/env.open"
+cp "$rootfs/etc/cover-receiver/env" "$work/env.saved"
+cp "$work/env.open" "$rootfs/etc/cover-receiver/env"
+rm "$dropin/check.conf"
+inside systemctl daemon-reload
+inside systemctl restart cover-receiver
+wait_until 20 "the service to be active" is_active
+warnings() { inside journalctl -u cover-receiver -p warning --no-pager -o cat > "$work/warnings.txt"; grep -q "WARNING unprotected" "$work/warnings.txt"; }
+wait_until 10 "the unprotected warning at priority warning" warnings
+grep -q "INFO listening" "$work/warnings.txt" && fail "journalctl -p warning shows INFO lines"
+inside journalctl -t cover-receiver --no-pager -o cat > "$work/named.txt"
+grep -q "INFO listening" "$work/named.txt" || fail "no line named cover-receiver (SyslogIdentifier=)"
+ok "journal: identifier cover-receiver; journalctl -p warning shows unprotected, not INFO lines"
+cp "$work/env.saved" "$rootfs/etc/cover-receiver/env"
+
+# 8. A bad setting (exit 2) stops the unit at once: no restart loop, its reason last.
+printf '[Service]\nEnvironment=COVER_RECEIVER_PORT=not-a-port\n' > "$dropin/check.conf"
+inside systemctl daemon-reload
+restarts=$(prop cover-receiver NRestarts)
+inside systemctl restart cover-receiver 2>/dev/null || true   # it fails: that is the point
+failed() { [ "$(prop cover-receiver ActiveState)" = failed ]; }
+wait_until 20 "the unit to fail" failed
+[ "$(prop cover-receiver ExecMainStatus)" = 2 ] && [ "$(prop cover-receiver NRestarts)" = "$restarts" ] \
+    || fail "exit 2: status $(prop cover-receiver ExecMainStatus), restarts $(prop cover-receiver NRestarts)"
+last=$(inside journalctl -t cover-receiver -n 1 --no-pager -o cat)
+case "$last" in *"error: --port"*) ;; *) fail "the last line is not the reason: $last";; esac
+ok "exit 2 stops the unit, no restart; last line: $last"
+rm -r "$dropin"
+inside systemctl daemon-reload
+inside systemctl reset-failed cover-receiver
+inside systemctl start cover-receiver
+wait_until 20 "the service to be active" is_active
+
+# 9. systemctl stop drains and exits 0.
 inside systemctl stop cover-receiver
 [ "$(prop cover-receiver Result)" = success ] && [ "$(prop cover-receiver ExecMainStatus)" = 0 ] \
     || fail "stop: Result=$(prop cover-receiver Result) status=$(prop cover-receiver ExecMainStatus)"
 journal_has "stopped pending=0" || fail "no drained stop in the journal"
 ok "systemctl stop: drained, exit status 0"
 
-# 7. Socket activation, by the README's socket block: the first POST starts the service.
+# 10. Socket activation, by the README's socket block: the first POST starts the service.
 inside systemctl start cover-receiver
 inside sh -ec "cd /root/src && . ./socket.sh" > "$work/socket.log" 2>&1 || { cat "$work/socket.log"; fail "the README's socket steps"; }
 [ "$(prop cover-receiver.socket ActiveState)" = active ] || fail "the socket is not listening"
