@@ -941,7 +941,7 @@ def test_retry_command_reports_each_task_and_exits_1_unless_all_are_done(start, 
 @pytest.mark.parametrize("argv, env, named", [
     (["--on-complete", "/no/such/program --flag"], {}, "/no/such/program does not exist"),
     (["--on-complete", "no-such-program-here"], {}, "no-such-program-here is not found on PATH"),
-    (["--on-complete", "EMPTY"], {}, "not an executable program" + ("" if WINDOWS else
+    (["--on-complete", "'EMPTY'"], {}, "not an executable program" + ("" if WINDOWS else
                                                                      " (chmod +x")),
     ([], {"COVER_RECEIVER_TOKEN": ""}, "COVER_RECEIVER_TOKEN"),
     ([], {"COVER_RECEIVER_HMAC_KEY": ""}, "COVER_RECEIVER_HMAC_KEY"),
@@ -952,7 +952,7 @@ def test_bad_set_ups_are_refused_at_start_and_create_nothing(tmp_path, capfd, ar
     empty = tmp_path / "empty"
     empty.write_text("\n")
     folder = tmp_path / "covers"
-    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    argv = [a.replace("EMPTY", str(empty)) for a in argv]
     assert cr.main(argv + ["--port", "0", "--dir", str(folder)], env=env) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The README's systemd claims, checked under a real systemd: build a minimal
 # Debian rootfs, boot it with systemd-nspawn, install the receiver by running
-# the README's own install and socket blocks, then check READY=1, a callback
-# saved under StateDirectory= as the dynamic user, the hook in the sandbox,
-# systemctl reload, retry from a root shell handing its work to the service,
-# a watchdog restart after SIGSTOP, a token from LoadCredential=, the journal's
-# identifier and priorities, exit 2 stopping the unit, a draining stop with
-# status 0, and socket activation. Outside CI it skips with one line when no
-# container can boot here; in CI (CI=true) that is a failure. Everything is removed at exit.
+# the README's install block and systemd/README.md's socket block, then check
+# READY=1, a callback saved under StateDirectory= as the dynamic user, the hook
+# in the sandbox, systemctl reload, retry from a root shell handing its work
+# to the service, a watchdog restart after SIGSTOP, a token from
+# LoadCredential=, the journal's identifier and priorities, exit 2 stopping the
+# unit, a draining stop with status 0, and socket activation. Outside CI it
+# skips with one line when no container can boot here; in CI (CI=true) that is
+# a failure. Everything is removed at exit.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /var/tmp/cover-receiver-check.XXXXXX)
@@ -49,13 +50,13 @@ wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...: poll a condition wi
         sleep 0.2
     done
 }
-readme_block() {  # the first ```sh block after the heading $1, sudo dropped, interactive lines left out
+readme_block() {  # the first ```sh block after the heading $1 in the file $2, sudo dropped, interactive lines left out
     awk -v heading="$1" '
         $0 == heading { found = 1; next }
         found && /^```sh/ { inblock = 1; next }
         inblock && /^```/ { exit }
         inblock { sub(/^sudo /, ""); gsub(/\| sudo /, "| "); gsub(/&& sudo /, "\\&\\& ");
-                  if ($0 !~ /^(systemctl status|journalctl)/) print }' "$repo/README.md"
+                  if ($0 !~ /^(systemctl status|journalctl)/) print }' "$2"
 }
 
 command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null \
@@ -73,8 +74,8 @@ echo cover-check > "$rootfs/etc/hostname"
 mkdir -p "$rootfs/root/src/systemd" "$rootfs/root/image"
 cp "$repo/cover_receiver.py" "$rootfs/root/src/"
 cp "$repo"/systemd/cover-receiver.* "$rootfs/root/src/systemd/"
-readme_block "## Install as a service" > "$rootfs/root/src/install.sh"
-readme_block "### Socket activation" > "$rootfs/root/src/socket.sh"
+readme_block "## Install as a service" "$repo/README.md" > "$rootfs/root/src/install.sh"
+readme_block "## Socket activation" "$repo/systemd/README.md" > "$rootfs/root/src/socket.sh"
 [ -s "$rootfs/root/src/install.sh" ] && [ -s "$rootfs/root/src/socket.sh" ] \
     || fail "README.md has no install or socket block"
 python3 -c 'import sys; sys.stdout.buffer.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)' \
@@ -230,7 +231,7 @@ inside systemctl stop cover-receiver
 journal_has "stopped pending=0" || fail "no drained stop in the journal"
 ok "systemctl stop: drained, exit status 0"
 
-# 10. Socket activation, by the README's socket block: the first POST starts the service.
+# 10. Socket activation, by systemd/README.md's socket block: the first POST starts the service.
 inside systemctl start cover-receiver
 inside sh -ec "cd /root/src && . ./socket.sh" > "$work/socket.log" 2>&1 || { cat "$work/socket.log"; fail "the README's socket steps"; }
 [ "$(prop cover-receiver.socket ActiveState)" = active ] || fail "the socket is not listening"
