@@ -2795,6 +2795,27 @@ def test_stop_ends_a_running_hook_and_what_it_started_and_its_run_stays_pending(
     assert record(tmp_path / "c", "stopped")["hook"]["status"] == "pending"
 
 
+@LINUX_ONLY
+def test_stop_kills_the_daemon_of_a_third_run_after_two_were_killed_at_the_time_limit(
+        start, tmp_path):
+    """Issue 30's run: two runs killed at their time limit, SIGTERM during the third."""
+    pids = tmp_path / "daemons"
+    hook = hook_script(tmp_path, (
+        "import subprocess\n"
+        "daemon = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
+        "                          start_new_session=True)\n"
+        "open(%r, 'a').write('%%d\\n' %% daemon.pid)\n"
+        "time.sleep(300)\n" % str(pids)))
+    receiver = start("--on-complete", hook, hook_timeout=0.5)
+    post(receiver.url, payload("third", code=501, images=None))
+    daemons = wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 3 and
+                       [int(pid) for pid in pids.read_text().split()], what="a third run")
+    wait_for(lambda: gone(daemons[0]) and gone(daemons[1]), what="the first two killed")
+    receiver.stop()
+    wait_for(lambda: gone(daemons[2]), what="the third run's daemon to be killed at stop")
+    assert record(receiver.dir, "third")["hook"]["status"] == "pending"
+
+
 def test_a_stop_that_comes_while_the_hook_is_being_started_still_kills_it(tmp_path, monkeypatch):
     hook, pidfile = daemon_hook(tmp_path)
     runner = cr.HookRunner(cr.Config(on_complete=cr._command(hook), hook_timeout=60), str(tmp_path))
