@@ -220,24 +220,15 @@ class Unauthorized(ReceiverError):
     status, reason = 401, "unauthorized"
 
 
-class NotFound(ReceiverError):
-    status, reason = 404, "not_found"
+class HttpError(ReceiverError):
+    """A request the handler refuses with status (its reason names the
+    metrics' outcome)."""
+    REASONS = {404: "not_found", 405: "method_not_allowed", 411: "length_required",
+               413: "too_large", 415: "unsupported_media_type"}
 
-
-class MethodNotAllowed(ReceiverError):
-    status, reason = 405, "method_not_allowed"
-
-
-class LengthRequired(ReceiverError):
-    status, reason = 411, "length_required"
-
-
-class TooLarge(ReceiverError):
-    status, reason = 413, "too_large"
-
-
-class UnsupportedMediaType(ReceiverError):
-    status, reason = 415, "unsupported_media_type"
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.reason = status, self.REASONS[status]
 
 
 class Unavailable(ReceiverError):
@@ -3816,7 +3807,7 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             check_headers(self.headers)
             if target.path == receiver.config.path:
                 if self.command != "POST":
-                    raise MethodNotAllowed("use POST")
+                    raise HttpError(405, "use POST")
                 self.reply(200, receiver.handle_callback(
                     self.client_address[0], target.query, self.headers, self.read_body))
             elif self.command in ("GET", "HEAD") and target.path == "/healthz":
@@ -3824,20 +3815,20 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
             elif self.command in ("GET", "HEAD") and target.path == "/metrics":
                 self.reply(200, receiver.metrics_text(), content_type="text/plain; version=0.0.4")
             else:
-                raise NotFound("no such path")
+                raise HttpError(404, "no such path")
         except ReceiverError as exc:
             if target and target.path == receiver.config.path and exc.reason in CALLBACK_OUTCOMES:
                 receiver.metrics.inc("callbacks_total", exc.reason)
                 receiver.rejections.note(exc.status, self.client_address[0], exc,
                                          logging.ERROR if exc.status == 503 else logging.WARNING)
-            elif isinstance(exc, NotFound) and self.command == "POST" and target:
+            elif exc.status == 404 and self.command == "POST" and target:
                 # A callback sent to the wrong path (a callBackUrl typo) is lost without
                 # this line; the 404 itself does not name the configured path.
                 receiver.rejections.note(404, self.client_address[0], "POST to %s, but the "
                                          "callback path is %s (--path)" % (
                                              escape(target.path, 100), receiver.config.path))
             self.reply(exc.status, {"status": "error", "error": str(exc)},
-                       allow="POST" if isinstance(exc, MethodNotAllowed) else None)
+                       allow="POST" if exc.status == 405 else None)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = dispatch
 
@@ -3847,20 +3838,20 @@ class CallbackHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding") is not None:      # RFC 9112 6.3
             if lengths:
                 raise BadCallback("Transfer-Encoding and Content-Length together")
-            raise LengthRequired("Content-Length is required (no chunked bodies)")
+            raise HttpError(411, "Content-Length is required (no chunked bodies)")
         if not lengths:
-            raise LengthRequired("Content-Length is required")
+            raise HttpError(411, "Content-Length is required")
         values = {parse_digits(value) for value in lengths}
         if None in values or len(values) > 1:
             raise BadCallback("Content-Length must be one number")
         length = values.pop()
         if length > config.max_body_bytes:
-            raise TooLarge("body is larger than %d bytes" % config.max_body_bytes)
+            raise HttpError(413, "body is larger than %d bytes" % config.max_body_bytes)
         types = self.headers.get_all("Content-Type") or ["application/json"]
         if len(types) > 1:                                         # RFC 9110 8.3: one value
             raise BadCallback("more than one Content-Type")
         if types[0].split(";")[0].strip().lower() != "application/json":
-            raise UnsupportedMediaType("Content-Type must be application/json")
+            raise HttpError(415, "Content-Type must be application/json")
         body = self.rfile.read(length)
         if len(body) != length:
             raise BadCallback("body is shorter than Content-Length")

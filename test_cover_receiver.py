@@ -1523,6 +1523,8 @@ def test_the_client_holding_the_most_connections_gives_way_first(start):
     for sock in flood:
         sock.sendall(b"P")                              # each begins a request, then stalls
     held(receiver, 4)
+    wait_for(lambda: sum(bool(conn.data) for conn in list(receiver.front.conns)) == 3,
+             what="the loop to read each flooder's first byte")
     try:
         newcomer = idle_clients(receiver, 1)            # the flooder's own newcomer ...
         assert flood[0].recv(4096) == b""               # ... costs the flooder its oldest

@@ -14,6 +14,7 @@ missing is skipped with a line saying so. Nothing here is asserted in tests.
 
 import argparse
 import collections
+import contextlib
 import http.client
 import http.server
 import importlib.util
@@ -70,14 +71,17 @@ def image_urls(cdn, count):
     return ["http://127.0.0.1:%d/img/%d" % (cdn.port, n) for n in range(count)]
 
 
-def cdn_server(count, size, delay):
-    """Serves /img/<n> (n < count) as a PNG of size bytes after delay seconds."""
+def cdn_server(count, size, delay, hold=None):
+    """Serves /img/<n> (n < count) as a PNG of size bytes after delay seconds,
+    and while the file hold exists, holds every request back."""
     body = PNG_HEAD + b"\0" * (size - len(PNG_HEAD))
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
+            while hold and os.path.exists(hold):
+                time.sleep(0.001)
             if delay:
                 time.sleep(delay)
             if int(self.path.rsplit("/", 1)[1]) >= count:
@@ -112,9 +116,9 @@ class ServerProcess:
         self.proc.wait()
 
 
-def fake_cdn(count, size, delay=0.0):
+def fake_cdn(count, size, delay=0.0, hold=None):
     """cdn_server() in its own process."""
-    return ServerProcess("--cdn", count, size, delay)
+    return ServerProcess("--cdn", count, size, delay, *([hold] if hold else []))
 
 
 class GroupCommit:
@@ -502,25 +506,35 @@ def loop_rate(folder, urls, size):
 
 
 def throughput(work, label, count, size, target, workers=4):
-    """Callbacks of 2 images each, sent by 8 senders, until none is pending."""
-    rss = []
+    """Callbacks of 2 images each, sent by 8 senders while the CDN holds every
+    download back (the intake, timed apart), then downloaded: timed from the
+    CDN's release until none is pending."""
+    rss, intake, hold = [], [], os.path.join(work, "%s-hold" % label)
 
     def receiver_rate(run, urls):
         receiver = Receiver(os.path.join(work, "%s-%d" % (label, run)), "--workers", str(workers))
         try:
             wait_until(lambda: receiver.pending() == 0)
+            open(hold, "w").close()
             started = time.perf_counter()
             bodies = [callback("%s%d-%04d" % (label, run, i // 2), urls[i:i + 2])
                       for i in range(0, count, 2)]
             send_all(receiver.url, bodies, 8)
+            intake.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            os.remove(hold)
             wait_until(lambda: receiver.pending() == 0)
             rss.append(receiver.peak_rss_mb())
             return count * size / 1e6 / (time.perf_counter() - started)
         finally:
             receiver.stop()
-    ours, base = against_loop(work, label, count, size, receiver_rate)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(hold)
+    ours, base = against_loop(work, label, count, size, receiver_rate, hold=hold)
     return [("download MB/s, %d x %s, --workers %d" % (count, human(size), workers), ours, base,
              ours / base, ">= %gx" % target, lambda o, r: r >= target),
+            ("  their %d callbacks' intake, timed apart (s)" % (count // 2), min(intake), None,
+             None, "", None),
             ("peak RSS MB, %d x %s (VmHWM)" % (count, human(size)), max(rss), None, None,
              "<= 40 MB", lambda o, r: o <= 40)]
 
@@ -543,13 +557,13 @@ def catch_up(work, tasks, size, workers=4):
              ours / base, ">= 0.95x", lambda o, r: r >= 0.95)]
 
 
-def against_loop(work, label, count, size, receiver_rate, runs=2):
+def against_loop(work, label, count, size, receiver_rate, runs=2, hold=None):
     """(receiver, loop) MB/s on the same `count` images of `size` bytes from
     the fake CDN: receiver_rate(run, urls) and loop_rate() take turns, the
     loop first, `runs` times each, and the best of each side counts. This
     disk's cost of a new file depends on what was deleted in the last half
     minute (bench/README.md): one run of each can land in different weather."""
-    cdn = fake_cdn(count, size)
+    cdn = fake_cdn(count, size, hold=hold)
     urls = image_urls(cdn, count)
     ours, loop = [], []
     try:
@@ -776,12 +790,13 @@ def main(argv=None):
                         help="finished tasks in the history rounds (default 100000; "
                              "--quick 2000; 1000000 for the issue's figures)")
     parser.add_argument("--serve", choices=("naive", "durable"), help=argparse.SUPPRESS)
-    parser.add_argument("--cdn", nargs=3, type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--cdn", nargs="+", help=argparse.SUPPRESS)  # COUNT SIZE DELAY [HOLD]
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve or args.cdn:          # a ServerProcess
         server = (baseline_receiver(args.serve, args.work) if args.serve
-                  else cdn_server(int(args.cdn[0]), int(args.cdn[1]), args.cdn[2]))
+                  else cdn_server(int(args.cdn[0]), int(args.cdn[1]), float(args.cdn[2]),
+                                  *args.cdn[3:]))
         print(server.port, flush=True)
         threading.Event().wait()
     quick = args.quick
