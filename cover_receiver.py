@@ -77,6 +77,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import pathlib
 import random
@@ -370,6 +371,26 @@ def stderr_is_journal(env):
     except (AttributeError, OSError, ValueError):
         return False
     return env.get("JOURNAL_STREAM") == "%d:%d" % (stat.st_dev, stat.st_ino)
+
+
+def in_slices(wait, seconds, step=0.2):
+    """wait(timeout) in slices of at most step seconds until it returns true
+    or seconds have passed; what the last call returned. The main thread
+    waits this way: Python runs a signal's handler in the main thread only,
+    and a stop signal the kernel gave another thread waits until the main
+    thread runs Python code again (signal module docs), so a long wait there
+    would hold the second Ctrl+C or SIGTERM back for all of it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        done = wait(max(0.0, min(step, left)))
+        if done or left <= step:
+            return done
+
+
+def joined(thread, timeout):
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 def parse_utc(text):
@@ -2622,12 +2643,11 @@ class Scheduler:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-            self.cond.wait_for(lambda: not self.running, drain_seconds)
+            in_slices(lambda t: self.cond.wait_for(lambda: not self.running, t), drain_seconds)
         abort()
         deadline = time.monotonic() + 5
         for thread in self.threads:
-            if thread.is_alive():
-                thread.join(max(0.0, deadline - time.monotonic()))
+            in_slices(lambda t, thread=thread: joined(thread, t), deadline - time.monotonic())
 
 
 # ---------------------------------------------------------------------------
@@ -3466,7 +3486,7 @@ class Front:
         self.stopping = time.monotonic() + wait
         self.handlers.wake()
         if self.thread.is_alive():
-            self.thread.join()
+            in_slices(lambda t: joined(self.thread, t), math.inf)
         else:
             self._close_all()
         self.handlers.close(wait=self.in_flight == 0)

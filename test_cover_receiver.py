@@ -3739,6 +3739,27 @@ def test_a_second_stop_signal_while_draining_exits_at_once(tmp_path, cdn):
     assert record(folder, "impatient")["status"] == "pending"
 
 
+@pytest.mark.skipif(not cr.LINUX, reason="tgkill, which signals one thread, is Linux's")
+def test_a_second_stop_signal_that_lands_on_another_thread_still_exits_at_once(tmp_path, cdn):
+    """The kernel may hand a process's signal to any thread; Python runs the
+    handler in the main thread only, which must not sit in a long wait."""
+    import ctypes
+    proc = ReceiverProcess(serve_args(tmp_path / "c", "--allow-host", "127.0.0.1",
+                                      "--drain-seconds", "600"))
+    post(proc.url, payload("drained", [cdn.route("/d.png", stall(PNG), ok(PNG))]))
+    cdn.wait_hits("/d.png", 1)
+    proc.signal()
+    proc.wait_log("stopping")
+    pid = proc.proc.pid
+    # The main thread drains: every thread has ended but it and the stalled download's.
+    threads = wait_for(lambda: len(os.listdir("/proc/%d/task" % pid)) == 2 and os.listdir(
+        "/proc/%d/task" % pid), what="the drain, with only the download's thread left")
+    other = next(int(tid) for tid in threads if int(tid) != pid)
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, other, signal.SIGINT) == 0
+    assert proc.exit()[0] == 0                        # within WAIT, not the drain's 600 s
+    assert record(tmp_path / "c", "drained")["status"] == "pending"
+
+
 @pytest.mark.skipif(not cr.LINUX, reason="F_SETPIPE_SZ, which makes a small pipe, is Linux's")
 def test_two_stop_signals_exit_at_once_while_stderr_is_stuck(tmp_path):
     """A full pipe (or a stalled journal) blocks every log line; the second
