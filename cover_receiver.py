@@ -103,6 +103,7 @@ if WINDOWS:
     import msvcrt
 else:
     import fcntl
+    import pwd
     import resource
 
 # ---------------------------------------------------------------------------
@@ -374,12 +375,12 @@ def stderr_is_journal(env):
 
 
 def in_slices(wait, seconds, step=0.2):
-    """wait(timeout) in slices of at most step seconds until it returns true
-    or seconds have passed; what the last call returned. The main thread
-    waits this way: Python runs a signal's handler in the main thread only,
-    and a stop signal the kernel gave another thread waits until the main
-    thread runs Python code again (signal module docs), so a long wait there
-    would hold the second Ctrl+C or SIGTERM back for all of it."""
+    """Call wait(timeout) in slices of at most step seconds until it returns
+    true or seconds have passed, and return what it last returned. The main
+    thread waits this way: Python runs a signal's handler in the main thread
+    only, and a stop signal the kernel gave another thread waits until the
+    main thread runs Python code again (signal module docs), so a long wait
+    there would hold the second Ctrl+C or SIGTERM back for all of it."""
     deadline = time.monotonic() + seconds
     while True:
         left = deadline - time.monotonic()
@@ -1217,10 +1218,8 @@ class Platform:
         process group with setsid. Elsewhere there is no portable way (README)."""
         if not LINUX:
             return
-        needle, killed = b"\0" + marker.encode(), True
-        for _ in range(10):         # again while one was found: it may have forked meanwhile
-            if not killed:
-                return
+        needle = b"\0" + marker.encode()
+        for _ in range(10):         # again while a pass finds one: it may have forked meanwhile
             killed = False
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 with contextlib.suppress(OSError, ValueError):
@@ -1228,6 +1227,8 @@ class Platform:
                         if needle in b"\0" + handle.read():
                             os.kill(int(pid), signal.SIGKILL)
                             killed = True
+            if not killed:
+                return
 
     @classmethod
     def open_here(cls, path, flags, mode=0o644):
@@ -1794,10 +1795,10 @@ def not_writable(folder, exc):
 
 
 def user_name(uid):
+    """POSIX: the user's name and uid (a DynamicUser= uid may have no name)."""
     try:
-        import pwd                      # POSIX only
         return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
-    except (ImportError, KeyError):
+    except KeyError:
         return "uid %d" % uid
 
 
