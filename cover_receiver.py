@@ -1478,11 +1478,16 @@ class Store:
             self._row(record, wake, manifest) + (manifest, manifest))
 
     @staticmethod
-    def _row(record, wake=False, manifest=None):
+    def is_open(status, hook, manifest):
+        """A task is open (in the index that start-up, status and /healthz
+        read) until it is done with its hook run and its task.json written."""
+        return status != DONE or hook in (PENDING, FAILED) or bool(manifest)
+
+    @classmethod
+    def _row(cls, record, wake=False, manifest=None):
         hook = hook_state(record)
-        is_open = record["status"] != DONE or hook in (PENDING, FAILED) or bool(manifest)
-        return (record["taskId"], record["status"], hook, is_open, int(wake), manifest,
-                record.get("updatedAt") or "", json.dumps(record))
+        return (record["taskId"], record["status"], hook, cls.is_open(record["status"], hook,
+                manifest), int(wake), manifest, record.get("updatedAt") or "", json.dumps(record))
 
     def _insert_rows(self, rows):
         self._writer.executemany("INSERT OR IGNORE INTO task (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1499,9 +1504,11 @@ class Store:
 
     def manifest_written(self, task_id):
         """The task's task.json is written (inside write()); its record is as it was."""
-        self._writer.execute("UPDATE task SET manifest = 0, open = (status != 'done' OR "
-                             "ifnull(hook, '') IN ('pending', 'failed')) WHERE task_id = ?",
-                             (task_id,))
+        row = self._writer.execute("SELECT status, hook FROM task WHERE task_id = ?",
+                                   (task_id,)).fetchone()
+        if row is not None:
+            self._writer.execute("UPDATE task SET manifest = 0, open = ? WHERE task_id = ?",
+                                 (self.is_open(*row, manifest=False), task_id))
 
     def take_wakes(self):
         """The tasks commands changed, with their manifest flags, marked taken."""
@@ -2046,10 +2053,10 @@ def hook_reason(record):
 
 
 def accept(store, callback, confirm=False, hooks=False, wake=False):
-    """Make a delivery durable: ("received" | "duplicate", record). A done
-    task is final and its duplicate needs no write (so it is answered also
-    from a <dir> remounted read-only); anything else is decided and written
-    in one transaction, which has committed before this returns."""
+    """Make a delivery durable: ("received" | "duplicate", record), decided
+    and written in one transaction, which has committed before this returns.
+    A done task is final: when the transaction cannot run (a <dir> remounted
+    read-only, a full disk), its duplicate is still answered from a read."""
     def decide():
         record = store.get(callback.task_id)
         if record is not None and record["status"] == CORRUPT:
@@ -2060,12 +2067,14 @@ def accept(store, callback, confirm=False, hooks=False, wake=False):
         store.put(fresh, wake=wake, manifest=fresh["status"] in (DONE, FAILED))
         return "received", fresh
     try:
+        return store.write(decide)
+    except sqlite3.Error as exc:
+        failure = exc
+    with contextlib.suppress(sqlite3.Error):
         known = store.read(callback.task_id)
         if known is not None and known["status"] == DONE:
             return "duplicate", known
-        return store.write(decide)
-    except sqlite3.Error as exc:
-        raise Unavailable("cannot record the task durably: %s" % db_reason(exc)) from None
+    raise Unavailable("cannot record the task durably: %s" % db_reason(failure))
 
 
 def delivered(callback, record, hooks):
