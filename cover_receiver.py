@@ -2722,10 +2722,10 @@ class Pipeline:
         outcome, record = accept(self.store, callback, confirm, bool(self.config.on_complete))
         if record["status"] != EXPECTED:
             self.recovery.forget(callback.task_id)
-        if outcome == "received":
-            self.schedule(record, manifest=record["status"] == FAILED)
-            if record["status"] == FAILED:
-                self.log_end(record)
+        if outcome == "received" and record["status"] == FAILED:     # a failure callback
+            self.ended(record)
+        elif outcome == "received":
+            self.schedule(record)
         return outcome, record
 
     # -- an image ----------------------------------------------------------------
@@ -2822,8 +2822,7 @@ class Pipeline:
             return record
         record = self.store.write(lambda: self._put_ended(settle(self.store.get(item.task_id))))
         if record is not None and record["status"] in (DONE, FAILED):
-            self.schedule(record, manifest=True)
-            self.log_end(record)
+            self.ended(record)
         return None
 
     def _put_ended(self, record):
@@ -2831,7 +2830,10 @@ class Pipeline:
             self.store.put(record, manifest=True if record["status"] in (DONE, FAILED) else None)
         return record
 
-    def log_end(self, record):
+    def ended(self, record):
+        """A task whose end was just committed: its end (task.json, then the
+        hook) queued, and its line logged."""
+        self.schedule(record, manifest=True)
         log_event("task-" + record["status"], record["taskId"],
                   level=logging.INFO if record["status"] == DONE else logging.WARNING)
 
@@ -3163,8 +3165,7 @@ class Recovery:
         record = self.pipeline.store.change(item.task_id, fail, manifest=True)
         if record is not None:
             log_event("recovery-failed", item.task_id, logging.ERROR, reason=reason)
-            self.pipeline.schedule(record, manifest=True)
-            self.pipeline.log_end(record)
+            self.pipeline.ended(record)
         self.forget(item.task_id)
         return None
 
