@@ -2569,10 +2569,14 @@ class Scheduler:
                 queued = None           # its heap entry is skipped when it comes up
             if queued is not None or item.key in self.running or self.stopping:
                 return False
-            self.queued[item.key] = item
-            heapq.heappush(self.heaps[item.kind], (item.due, next(self._serial), item))
+            self._push(item)
             self.cond.notify_all()
             return True
+
+    def _push(self, item):
+        """Queue item by its due time (with the lock held)."""
+        self.queued[item.key] = item
+        heapq.heappush(self.heaps[item.kind], (item.due, next(self._serial), item))
 
     def retry(self, item, retry_after=None, floor=0.0):
         """The one retry rule: the delay before item's next try after a
@@ -2616,8 +2620,7 @@ class Scheduler:
                 self.busy[item.kind] -= 1
                 if again is not None and self.keep_retries and not self.stopping:
                     item.due = self.clock.mono() + again
-                    self.queued[item.key] = item
-                    heapq.heappush(self.heaps[item.kind], (item.due, next(self._serial), item))
+                    self._push(item)
                 self.cond.notify_all()
 
     def start(self):
