@@ -117,7 +117,6 @@ MAX_IMAGES = 10
 MAX_URL_CHARS = 2048
 SIGNATURE_WINDOW = 300          # seconds either way (kie.ai docs)
 MAX_REDIRECTS = 5
-API_BACKOFF_CAP = 60.0          # fetch: longest wait between polls after an API error
 HOOK_TIMEOUT = 60.0
 CHUNK = 256 * 1024
 MAX_API_ANSWER = 1024 * 1024
@@ -426,22 +425,6 @@ def parse_retry_after(value, clock=time.time):
         return None
 
 
-class Backoff:
-    """The retry schedule: a gap that doubles from base to cap, with jitter
-    (0.5 to 1 times the gap) so that many images do not retry in step; a
-    server's Retry-After is honoured up to the cap."""
-
-    def __init__(self, base, cap):
-        self.base, self.cap = base, cap
-
-    def delay(self, tries, retry_after=None):
-        """Seconds to wait after the tries-th failed try."""
-        gap = min(self.cap, self.base * 2 ** min(tries - 1, 40)) * random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            gap = max(gap, min(retry_after, self.cap))
-        return gap
-
-
 class Clock:
     """The two clocks, as one seam. Wall time is for what is stored or signed
     (task.json times, the signature window); every wait and deadline inside
@@ -633,7 +616,7 @@ OPTIONS = (
     Option("retry-for", "1209600", _seconds(0), "keep trying an image this long after its "
            "task was received (image URLs live 14 days)", DOWNLOAD, metavar="SECONDS"),
     Option("max-backoff", "600", _seconds(0.01, 86400), "longest wait between tries of one "
-           "image (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
+           "image or API poll (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
     Option("timeout", "30", _seconds(0.1, 3600), "seconds for one network step (connect, each read)",
            DOWNLOAD + ("generate",), metavar="SECONDS"),
     Option("min-rate", "1024", _int_range(0), "bytes/s: a download (or an API answer) "
@@ -1322,6 +1305,19 @@ def os_reason(exc):
 # Store: one sqlite3 database in <dir>, the owner lock, the task folders
 # ---------------------------------------------------------------------------
 
+def task_row(record, wake=False, manifest=None):
+    """The task table's row (Store.COLUMNS) for a record."""
+    hook = hook_state(record)
+    return (record["taskId"], record["status"], hook, is_open(record["status"], hook, manifest),
+            int(wake), manifest, record.get("updatedAt") or "", json.dumps(record))
+
+
+def is_open(status, hook, manifest):
+    """A task is open (in the index that start-up, status and /healthz read)
+    until it is done with its hook run and its task.json written."""
+    return status != DONE or hook in (PENDING, FAILED) or bool(manifest)
+
+
 class Store:
     """The records: one row per task in <dir>/cover_receiver.db, and the only
     code that writes SQL. The database is in WAL mode with synchronous=FULL:
@@ -1475,19 +1471,7 @@ class Store:
             "excluded.hook, open = excluded.open OR coalesce(?, manifest), wake = "
             "max(wake, excluded.wake), manifest = coalesce(?, manifest), updated = "
             "excluded.updated, record = excluded.record" % self.COLUMNS,
-            self._row(record, wake, manifest) + (manifest, manifest))
-
-    @staticmethod
-    def is_open(status, hook, manifest):
-        """A task is open (in the index that start-up, status and /healthz
-        read) until it is done with its hook run and its task.json written."""
-        return status != DONE or hook in (PENDING, FAILED) or bool(manifest)
-
-    @classmethod
-    def _row(cls, record, wake=False, manifest=None):
-        hook = hook_state(record)
-        return (record["taskId"], record["status"], hook, cls.is_open(record["status"], hook,
-                manifest), int(wake), manifest, record.get("updatedAt") or "", json.dumps(record))
+            task_row(record, wake, manifest) + (manifest, manifest))
 
     def _insert_rows(self, rows):
         self._writer.executemany("INSERT OR IGNORE INTO task (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1508,7 +1492,7 @@ class Store:
                                    (task_id,)).fetchone()
         if row is not None:
             self._writer.execute("UPDATE task SET manifest = 0, open = ? WHERE task_id = ?",
-                                 (self.is_open(*row, manifest=False), task_id))
+                                 (is_open(*row, manifest=False), task_id))
 
     def take_wakes(self):
         """The tasks commands changed, with their manifest flags, marked taken."""
@@ -1595,7 +1579,7 @@ def readable_rows(path):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 record = json.loads(text)
                 if isinstance(record, dict) and TASK_ID_RE.fullmatch(str(record["taskId"])):
-                    yield Store._row(record, manifest=record.get("status") in (DONE, FAILED))
+                    yield task_row(record, manifest=record.get("status") in (DONE, FAILED))
     except sqlite3.Error:
         return
     finally:
@@ -1832,7 +1816,7 @@ def import_1x(store):
             with contextlib.suppress(OSError):
                 path = os.path.join(store.root, task_id, "task.json")
                 os.rename(path, "%s.corrupt-%d" % (path, time.time_ns()))
-        rows.append(Store._row(record, manifest=False))
+        rows.append(task_row(record, manifest=False))
     if rows:
         store.write(lambda: store._insert_rows(rows))
         log_event("imported", tasks=len(rows), corrupt=corrupt, note="1.x task.json records")
@@ -2544,7 +2528,7 @@ class Scheduler:
     def __init__(self, config, handlers, limits, clock=Clock, keep_retries=True):
         self.handlers, self.limits, self.clock = handlers, limits, clock
         self.keep_retries = keep_retries        # False: one try each (retry with no serve)
-        self.backoff = Backoff(config.backoff_base, config.max_backoff)
+        self.base, self.cap = config.backoff_base, config.max_backoff
         self.cond = threading.Condition()
         self.heaps = {kind: [] for kind in limits}
         self.queued, self.running = {}, {}      # key -> item
@@ -2582,8 +2566,20 @@ class Scheduler:
         """The one retry rule: the delay before item's next try after a
         failure (its tries counted), or None when that is past its deadline."""
         item.tries += 1
-        delay = max(floor, self.backoff.delay(item.tries, retry_after))
+        delay = max(floor, self.delay(item.tries, retry_after))
         return None if self.clock.mono() + delay > item.deadline else delay
+
+    def retry_local(self, item):
+        """The delay after a failure of this machine's (the store, the disk),
+        which no deadline ends: the work is kept, at most --max-backoff apart."""
+        return self.retry(item) or self.cap
+
+    def delay(self, tries, retry_after=None):
+        """A gap that doubles from base to cap, with jitter (0.5 to 1 times
+        it) so that many items do not retry in step; a server's Retry-After
+        is honoured up to the cap."""
+        gap = min(self.cap, self.base * 2 ** min(tries - 1, 40)) * random.uniform(0.5, 1.0)
+        return gap if retry_after is None else max(gap, min(retry_after, self.cap))
 
     def _take(self):
         with self.cond:
@@ -2614,7 +2610,7 @@ class Scheduler:
                 again = self.handlers[item.kind](item)
             except Exception:           # the thread's boundary: log, keep the item
                 LOG.exception("%s crashed task=%s", item.kind, escape(item.task_id))
-                again = self.backoff.delay(5)
+                again = self.delay(5)
             with self.cond:
                 del self.running[item.key]
                 self.busy[item.kind] -= 1
@@ -2644,11 +2640,11 @@ class Scheduler:
     def alive(self):
         return all(thread.is_alive() for thread in self.threads)
 
-    def wait_task(self, task_id, timeout=None):
-        """Block until no item of task_id is queued or running."""
+    def wait_for(self, matches, timeout=None):
+        """Block until no item whose key matches(key) is queued or running."""
         with self.cond:
-            return self.cond.wait_for(lambda: all(
-                key[1] != task_id for key in itertools.chain(self.queued, self.running)), timeout)
+            return self.cond.wait_for(lambda: not any(
+                map(matches, itertools.chain(self.queued, self.running))), timeout)
 
     def stop(self, drain_seconds, abort):
         """Take nothing new; give running items drain_seconds, then abort()
@@ -2676,16 +2672,17 @@ class Pipeline:
     resumes every item at its time."""
 
     def __init__(self, config, store, metrics, clock=Clock, resolver=system_resolver,
-                 client_tls=None, keep_retries=True):
+                 client_tls=None, keep_retries=True, fetch=None):
         self.config, self.store, self.metrics, self.clock = config, store, metrics, clock
         self.fetcher = Fetcher(config, resolver, client_tls)
         self.abort = AbortSignal()
         self.hooks = HookRunner(config, store.root)
         self.recovery = Recovery(config, self)
-        self.scheduler = Scheduler(config, {"image": self.image, "end": self.end,
-                                            "poll": self.recovery.poll},
-                                   {"image": config.workers, "end": 1, "poll": 1}, clock,
-                                   keep_retries)
+        handlers = {"image": self.image, "end": self.end, "poll": self.recovery.poll}
+        limits = {"image": config.workers, "end": 1, "poll": 1}
+        if fetch is not None:           # the fetch command's polls (Fetch.poll)
+            handlers["fetch"], limits["fetch"] = fetch, config.workers
+        self.scheduler = Scheduler(config, handlers, limits, clock, keep_retries)
 
     def start(self, rows=()):
         self.scheduler.start()
@@ -2741,7 +2738,7 @@ class Pipeline:
         except (OSError, sqlite3.Error) as exc:     # the store: keep the schedule in memory
             log_event("record-failed", item.task_id, logging.ERROR, image=item.index + 1,
                       reason=db_reason(exc), note="tried again")
-            return self.scheduler.retry(item) or self.scheduler.backoff.cap
+            return self.scheduler.retry_local(item)
 
     def _try_image(self, item):
         record = self.store.read(item.task_id)
@@ -2855,14 +2852,14 @@ class Pipeline:
             folder.sweep()
         except OSError as exc:
             log_event("manifest-failed", item.task_id, logging.ERROR, reason=os_reason(exc))
-            return self.scheduler.retry(item) or self.scheduler.backoff.cap
+            return self.scheduler.retry_local(item)
         run = hook_state(record) == PENDING and self.hooks.argv
         outcome = self.hooks.run(item, record) if run else None
         try:
             return self.store.write(lambda: self._hook_outcome(item, outcome))
         except sqlite3.Error as exc:
             log_event("record-failed", item.task_id, logging.ERROR, reason=db_reason(exc))
-            return self.scheduler.retry(item) or self.scheduler.backoff.cap
+            return self.scheduler.retry_local(item)
 
     def _hook_outcome(self, item, outcome):
         """Commit a hook run (with the manifest written): the delay before
@@ -2889,7 +2886,7 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------
-# Polling: the vendor API, serve's recovery, fetch's poller
+# Polling: the vendor API, serve's recovery, fetch's polls
 # ---------------------------------------------------------------------------
 
 class ApiClient:
@@ -3283,60 +3280,78 @@ class HookOutput:
             log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
 
 
-class Poller:
-    """fetch: poll record-info for each task and feed the download pipeline
-    (this process's, when it owns <dir>; else the running serve's)."""
+class Fetch:
+    """fetch: a record-info poll of each task, a "fetch" item on the
+    pipeline's scheduler (one retry rule), asked every --interval while the
+    task is generating, until a final answer or --wait. The answer goes the
+    way of a callback: into this process's pipeline when fetch owns <dir>,
+    else into the database, for the serve running on it."""
 
-    def __init__(self, config, client, store, pipeline, stop, clock=time.monotonic):
-        self.config, self.client, self.store, self.pipeline = config, client, store, pipeline
-        self.stop, self.clock = stop, clock
-        self.backoff = Backoff(config.backoff_base, API_BACKOFF_CAP)
+    def __init__(self, config, store, owner):
+        self.config, self.store, self.client = config, store, ApiClient(config)
+        if owner:
+            self.pipeline = Pipeline(config, store, Metrics(), fetch=self.poll)
+            self.scheduler = self.pipeline.scheduler
+        else:
+            self.pipeline = None
+            self.scheduler = Scheduler(config, {"fetch": self.poll}, {"fetch": config.workers})
+        self.results, self.generating = {}, set()      # taskId -> (word, detail)
+        self.deadline = time.monotonic() + config.wait
 
-    def run(self, task_id):
-        """Returns (word, detail), word one of done, failed, pending, error."""
-        deadline = self.clock() + self.config.wait
-        tries, generating = 0, False
-        while True:
-            try:
-                data = self.client.record_info(task_id, deadline)
-            except ApiError as exc:
-                tries += 1
-                ended = self._after_error(task_id, exc, tries, deadline, generating)
-                if ended:
-                    return ended
-                continue
-            tries, generating = 0, True
-            state = record_state(data)
-            if state in ("success", "failed"):
-                return self._finish(task_id, data, state == "success",
-                                    max(0.0, deadline - self.clock()))
-            if state is None:
-                return "error", "unexpected task state %s" % escape(
-                    data.get("successFlag", data.get("status")), 30)
-            interval = self.config.interval
-            if self.clock() + interval > deadline or self.stop.wait(0):
-                return "pending", "still generating after %g s" % self.config.wait
-            log_event("generating", task_id, state=data.get("successFlag", data.get("status")),
-                      next_poll="%gs" % interval)
-            if self.stop.wait(interval):
-                return "pending", "stopped"
+    def start(self, task_ids):
+        (self.pipeline or self.scheduler).start()
+        for task_id in task_ids:
+            self.scheduler.add(WorkItem("fetch", task_id, 0, 0.0, self.deadline, 0))
 
-    def _after_error(self, task_id, exc, tries, deadline, generating):
-        """Wait to poll again after an API error; (word, detail) when fetch gives up."""
-        if not exc.retryable:
-            return "error", str(exc)
-        delay = self.backoff.delay(tries, exc.retry_after)
-        log_event("api-retry", task_id, reason=exc, wait="%.2fs" % delay)
-        if self.clock() + delay <= deadline and not self.stop.wait(delay):
-            return None
+    def result(self, task_id):
+        """(word, detail), once the task's poll and downloads are over (or --wait is)."""
+        key = ("fetch", task_id, 0)
+        in_slices(lambda t: self.scheduler.wait_for(lambda k: k == key, t), math.inf)
+        if task_id in self.results:
+            return self.results[task_id]
+        left = max(0.0, self.deadline - time.monotonic())
+        if self.pipeline is not None:
+            in_slices(lambda t: self.scheduler.wait_for(lambda k: k[1] == task_id, t), left)
+        else:
+            wait_settled(self.store, task_id, images_settled, left)
+        return task_result(self.store, task_id)
+
+    def poll(self, item):
+        """One record-info request: the delay before the next, or None."""
+        try:
+            data = self.client.record_info(item.task_id, item.deadline)
+        except ApiError as exc:
+            return self._after_error(item, exc)
+        self.generating.add(item.task_id)
+        item.tries = 0                  # an error after this waits from 1 s again
+        state = record_state(data)
+        if state in ("success", "failed"):
+            return self._deliver(item.task_id, data, state == "success")
+        said = data.get("successFlag", data.get("status"))
+        if state is None:
+            return self._end(item, "error", "unexpected task state %s" % escape(said, 30))
+        if time.monotonic() + self.config.interval > item.deadline:
+            return self._end(item, "pending", "still generating after %g s" % self.config.wait)
+        log_event("generating", item.task_id, state=said, next_poll="%gs" % self.config.interval)
+        return self.config.interval
+
+    def _after_error(self, item, exc):
+        delay = self.scheduler.retry(item, exc.retry_after) if exc.retryable else None
+        if delay is not None:
+            log_event("api-retry", item.task_id, reason=exc, wait="%.2fs" % delay)
+            return delay
         # A passing error as --wait runs out says nothing new: a task last
         # seen generating is still pending (exit 3), not an error.
-        if generating:
-            return "pending", "still generating after %g s (the last poll: %s)" % (
-                self.config.wait, exc)
-        return "error", "%s (gave up)" % exc
+        if exc.retryable and item.task_id in self.generating:
+            return self._end(item, "pending", "still generating after %g s (the last poll: %s)"
+                             % (self.config.wait, exc))
+        return self._end(item, "error", str(exc) + (" (gave up)" if exc.retryable else ""))
 
-    def _finish(self, task_id, data, success, wait):
+    def _end(self, item, word, detail):
+        self.results[item.task_id] = (word, detail)
+        return None
+
+    def _deliver(self, task_id, data, success):
         try:
             callback = record_callback(task_id, data, success)
             if self.pipeline is not None:
@@ -3344,15 +3359,19 @@ class Poller:
             else:
                 outcome, _ = accept(self.store, callback, wake=True)
         except BadCallback as exc:
-            return "error", "API answer unusable: %s" % exc
+            self.results[task_id] = ("error", "API answer unusable: %s" % exc)
         except Unavailable as exc:
-            return "error", str(exc)
-        log_event(outcome, task_id, source="record-info")
-        if self.pipeline is not None:
-            self.pipeline.scheduler.wait_task(task_id, wait)
+            self.results[task_id] = ("error", str(exc))
         else:
-            wait_settled(self.store, task_id, images_settled, wait)
-        return task_result(self.store, task_id)
+            log_event(outcome, task_id, source="record-info")
+        return None
+
+    def stop(self):
+        if self.pipeline is not None:
+            self.pipeline.stop(0)
+        else:
+            self.scheduler.stop(0, lambda: None)
+
 
 # ---------------------------------------------------------------------------
 # Front: one loop owns every connection until its request is whole
@@ -4381,35 +4400,20 @@ def run_serve(config, env):
 
 def run_fetch(config, env):
     store, lock = command_session(config, "fetch")
-    pipeline = Pipeline(config, store, Metrics()) if lock else None
-    if pipeline:
-        pipeline.start()
-    stop = threading.Event()
-    poller = Poller(config, ApiClient(config), store, pipeline, stop)
-    results = {}
-
-    def poll(task_id):
-        try:
-            results[task_id] = poller.run(task_id)
-        except Exception as exc:        # thread boundary
-            LOG.exception("fetch crashed task=%s", escape(task_id))
-            results[task_id] = ("error", "internal error: %s" % type(exc).__name__)
-        word, detail = results[task_id]
-        print("%s %s: %s" % (task_id, word, detail), flush=True)
-    threads = [threading.Thread(target=poll, args=(t,), name="worker")
-               for t in dict.fromkeys(config.task_ids)]
-    for thread in threads:
-        thread.start()
+    fetch = Fetch(config, store, owner=lock is not None)
+    task_ids = tuple(dict.fromkeys(config.task_ids))
+    words = set()
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)
+        fetch.start(task_ids)
+        for task_id in task_ids:
+            word, detail = fetch.result(task_id)
+            print("%s %s: %s" % (task_id, word, detail), flush=True)
+            words.add(word)
     except KeyboardInterrupt:
-        stop.set()
         return 130
     finally:
-        end_session(pipeline, lock)
-    words = {word for word, _ in results.values()}
+        fetch.stop()
+        end_session(None, lock)
     return 1 if words & {"failed", "error", CORRUPT} else 3 if "pending" in words else 0
 
 
@@ -4511,7 +4515,8 @@ def wait_for_tasks(config, store, lock, task_ids, settled, left):
         for task_id in task_ids:
             pipeline.schedule(store.read(task_id), manifest=True)
         for task_id in task_ids:
-            pipeline.scheduler.wait_task(task_id, max(0.0, deadline - time.monotonic()))
+            pipeline.scheduler.wait_for(lambda key: key[1] == task_id,
+                                        max(0.0, deadline - time.monotonic()))
         pipeline.stop(0)
         return
     for task_id in task_ids:

@@ -3000,6 +3000,17 @@ def test_fetch_retries_transient_api_errors(api, cdn, tmp_path, first):
     assert api.calls["flaky"] == 2
 
 
+def test_fetch_waits_between_api_errors_by_the_one_retry_rule(api, cdn, tmp_path):
+    # The scheduler's rule, capped by --max-backoff: four errors in a row
+    # from 1 s doubling would outlast --wait 5 s; capped at 0.1 s they do not.
+    error = (500, b"oops", {})
+    api.script("capped", error, error, error, error,
+               api_answer("capped", 1, [cdn.route("/c.png", ok(PNG))]))
+    result = run_fetch(api, str(tmp_path), "capped", extra=("--max-backoff", "0.1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert api.calls["capped"] == 5 and result.stderr.count("api-retry task=capped") == 4
+
+
 def test_fetch_retries_an_api_timeout(api, cdn, tmp_path):
     api.script("stalled", (200, b"", {}, 2.0), api_answer("stalled", 1, [cdn.route("/t.png", ok(PNG))]))
     result = run_fetch(api, str(tmp_path), "stalled", extra=("--timeout", "0.3"))
