@@ -616,7 +616,8 @@ OPTIONS = (
     Option("retry-for", "1209600", _seconds(0), "keep trying an image this long after its "
            "task was received (image URLs live 14 days)", DOWNLOAD, metavar="SECONDS"),
     Option("max-backoff", "600", _seconds(0.01, 86400), "longest wait between tries of one "
-           "image or API poll (the wait doubles from 1 s up to this)", DOWNLOAD, metavar="SECONDS"),
+           "image or API poll (the wait doubles from 1 s up to this)", DOWNLOAD,
+           metavar="SECONDS"),
     Option("timeout", "30", _seconds(0.1, 3600), "seconds for one network step (connect, each read)",
            DOWNLOAD + ("generate",), metavar="SECONDS"),
     Option("min-rate", "1024", _int_range(0), "bytes/s: a download (or an API answer) "
