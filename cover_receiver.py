@@ -3305,9 +3305,11 @@ class Fetch:
             self.scheduler.add(WorkItem("fetch", task_id, 0, 0.0, self.deadline, 0))
 
     def result(self, task_id):
-        """(word, detail), once the task's poll and downloads are over (or --wait is)."""
-        key = ("fetch", task_id, 0)
-        in_slices(lambda t: self.scheduler.wait_for(lambda k: k == key, t), math.inf)
+        """(word, detail), once the task's poll and downloads are over (or --wait is).
+        A poll ends by the deadline (record_info keeps to it), or a commit's
+        wait for another writer (BUSY_SECONDS) later."""
+        key, left = ("fetch", task_id, 0), self.deadline - time.monotonic()
+        in_slices(lambda t: self.scheduler.wait_for(lambda k: k == key, t), left + BUSY_SECONDS)
         if task_id in self.results:
             return self.results[task_id]
         left = max(0.0, self.deadline - time.monotonic())
