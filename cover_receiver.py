@@ -2533,6 +2533,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.heaps = {kind: [] for kind in limits}
         self.queued, self.running = {}, {}      # key -> item
+        self.follow = {}                        # key -> the item that follows its run
         self.busy = collections.Counter()
         self.stopping = False
         self._serial = itertools.count()
@@ -2546,14 +2547,19 @@ class Scheduler:
         return self.clock.mono() + (ahead if cap is None else min(max(0.0, ahead), cap))
 
     def add(self, item, sooner=False):
-        """Queue item unless its key is queued or running; with sooner, it
-        replaces a queued one of its key that is due later."""
+        """Queue item unless its key is queued; with sooner, it replaces a
+        queued one of its key that is due later. An item whose key is
+        running follows that run: the record changed while it ran (a task
+        that ended again while its first end ran needs an end of its own)."""
         with self.cond:
             queued = self.queued.get(item.key)
             if sooner and queued is not None and item.due < queued.due:
                 queued = None           # its heap entry is skipped when it comes up
-            if queued is not None or item.key in self.running or self.stopping:
+            if queued is not None or self.stopping:
                 return False
+            if item.key in self.running:
+                self.follow[item.key] = item
+                return True
             self._push(item)
             self.cond.notify_all()
             return True
@@ -2615,8 +2621,12 @@ class Scheduler:
             with self.cond:
                 del self.running[item.key]
                 self.busy[item.kind] -= 1
-                if again is not None and self.keep_retries and not self.stopping:
+                if again is not None and self.keep_retries:
                     item.due = self.clock.mono() + again
+                    item = self.follow.pop(item.key, item)
+                else:
+                    item = self.follow.pop(item.key, None)
+                if item is not None and not self.stopping:
                     self._push(item)
                 self.cond.notify_all()
 
@@ -2857,16 +2867,20 @@ class Pipeline:
         run = hook_state(record) == PENDING and self.hooks.argv
         outcome = self.hooks.run(item, record) if run else None
         try:
-            return self.store.write(lambda: self._hook_outcome(item, outcome))
+            return self.store.write(lambda: self._hook_outcome(item, outcome, record))
         except sqlite3.Error as exc:
             log_event("record-failed", item.task_id, logging.ERROR, reason=db_reason(exc))
             return self.scheduler.retry_local(item)
 
-    def _hook_outcome(self, item, outcome):
-        """Commit a hook run (with the manifest written): the delay before
-        its next run, or None."""
+    def _hook_outcome(self, item, outcome, ended):
+        """Commit a hook run (with the manifest written) of the record ended:
+        the delay before its next run, or None. A record changed meanwhile
+        (reopened, ended again) is left as it is: its change queued its own
+        end (Scheduler.add), which writes its manifest and runs its hook."""
         record = self.store.get(item.task_id)
-        if record is None or outcome is None or hook_state(record) != PENDING:
+        if record != ended:
+            return None
+        if outcome is None or hook_state(record) != PENDING:
             self.store.manifest_written(item.task_id)
             return None
         code, reason = outcome
@@ -2884,6 +2898,106 @@ class Pipeline:
             hook["nextTryAt"] = utc_now(self.clock.wall() + delay)
         self.store.put(record, manifest=False)
         return delay
+
+
+class HookRunner:
+    """Runs --on-complete for a task that ended: never through a shell, with
+    the task's folder appended and COVER_* in its environment, at most
+    hook_timeout seconds. Its output goes to the log escaped (HookOutput).
+    Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which its
+    descendants inherit also when they leave its process group (setsid):
+    the time limit and stop() kill them all."""
+
+    def __init__(self, config, root):
+        self.argv, self.root, self.timeout = config.on_complete, root, config.hook_timeout
+        self.current, self.stopped = None, False
+        self._marker = "%s=%d.%s." % (HOOK_RUN_ENV, os.getpid(), os.urandom(4).hex())
+        self._runs = itertools.count(1)
+
+    def run(self, item, record):
+        """Run the hook once: (exit status or None, why it failed or None);
+        None when stop() cut it short (it stays pending, for the next start)."""
+        task_id, tries = item.task_id, item.tries + 1
+        if self.stopped:
+            return None
+        env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
+        run = "%s%d" % (self._marker, next(self._runs))
+        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=record["status"],
+                   COVER_PARENT_TASK_ID=str(record.get("parentTaskId") or ""),
+                   COVER_HOOK_TRY=str(tries))
+        env[HOOK_RUN_ENV] = run.split("=", 1)[1]
+        started = time.monotonic()
+        try:
+            self.current = subprocess.Popen(
+                list(self.argv) + [os.path.join(self.root, task_id)], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                **Platform.new_process_group())
+        except OSError as exc:
+            log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
+            return None, "cannot start: %s" % os_reason(exc)
+        output = HookOutput(self.current.stdout)
+        if self.stopped:        # stop() came while Popen ran, and found no hook to kill
+            self._kill(self.current, self._marker)
+        try:
+            code = self.current.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(self.current, run + "\0")
+            code = None
+        self.current = None
+        output.log(task_id)
+        if self.stopped:
+            return None
+        if code is None:
+            log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
+                      note="killed", attempt=tries)
+            return None, "timed out after %g s" % self.timeout
+        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
+                  status=code, ms=int((time.monotonic() - started) * 1000), attempt=tries)
+        return code, None if code == 0 else "exit status %d" % code
+
+    def stop(self):
+        """Kill the running hook and all it started, at once: its run stays
+        pending and is done again at the next start."""
+        self.stopped = True
+        process = self.current
+        if process is not None:
+            self._kill(process, self._marker)
+
+    @staticmethod
+    def _kill(process, marker):
+        Platform.kill_group(process)
+        Platform.kill_marked(marker)        # what left the group (setsid)
+        with contextlib.suppress(OSError):
+            process.wait()
+
+
+class HookOutput:
+    """A hook's stdout and stderr (one pipe), read to its end by a thread of
+    its own so the hook never blocks on a full pipe. The first
+    HOOK_OUTPUT_BYTES are kept for the log, the rest only counted."""
+
+    def __init__(self, pipe):
+        self.pipe, self.kept, self.total = pipe, bytearray(), 0
+        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        with self.pipe, contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: self.pipe.read1(65536), b""):
+                self.total += len(chunk)
+                self.kept += chunk[:max(0, HOOK_OUTPUT_BYTES - len(self.kept))]
+
+    def log(self, task_id, grace=1.0):
+        """Log what came, escaped, a line each (at most HOOK_OUTPUT_LINES).
+        The pipe may stay open after the hook ended, held by a process it
+        started: then only what came within grace is logged."""
+        self._thread.join(grace)
+        lines = bytes(self.kept).splitlines()[:HOOK_OUTPUT_LINES]
+        for line in lines:
+            log_event("hook-output", task_id, line=line.decode("utf-8", "replace"))
+        hidden = self.total - sum(len(line) + 1 for line in lines)
+        if hidden > 0:
+            log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
 
 
 # ---------------------------------------------------------------------------
@@ -3179,106 +3293,6 @@ class Recovery:
         log_event("overdue", task_id, logging.WARNING, waited="%ds" % waited,
                   note="no callback came; set SUNO_API_KEY (or --api-key-file) for serve to "
                        "ask record-info, or run: cover_receiver.py fetch %s" % task_id)
-
-
-class HookRunner:
-    """Runs --on-complete for a task that ended: never through a shell, with
-    the task's folder appended and COVER_* in its environment, at most
-    hook_timeout seconds. Its output goes to the log escaped (HookOutput).
-    Every hook process carries HOOK_RUN_ENV=<this receiver>.<run>, which its
-    descendants inherit also when they leave its process group (setsid):
-    the time limit and stop() kill them all."""
-
-    def __init__(self, config, root):
-        self.argv, self.root, self.timeout = config.on_complete, root, config.hook_timeout
-        self.current, self.stopped = None, False
-        self._marker = "%s=%d.%s." % (HOOK_RUN_ENV, os.getpid(), os.urandom(4).hex())
-        self._runs = itertools.count(1)
-
-    def run(self, item, record):
-        """Run the hook once: (exit status or None, why it failed or None);
-        None when stop() cut it short (it stays pending, for the next start)."""
-        task_id, tries = item.task_id, item.tries + 1
-        if self.stopped:
-            return None
-        env = {k: v for k, v in os.environ.items() if k not in HOOK_HIDDEN_ENV}
-        run = "%s%d" % (self._marker, next(self._runs))
-        env.update(COVER_TASK_ID=task_id, COVER_TASK_STATUS=record["status"],
-                   COVER_PARENT_TASK_ID=str(record.get("parentTaskId") or ""),
-                   COVER_HOOK_TRY=str(tries))
-        env[HOOK_RUN_ENV] = run.split("=", 1)[1]
-        started = time.monotonic()
-        try:
-            self.current = subprocess.Popen(
-                list(self.argv) + [os.path.join(self.root, task_id)], env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                **Platform.new_process_group())
-        except OSError as exc:
-            log_event("hook-failed", task_id, logging.WARNING, reason=exc, attempt=tries)
-            return None, "cannot start: %s" % os_reason(exc)
-        output = HookOutput(self.current.stdout)
-        if self.stopped:        # stop() came while Popen ran, and found no hook to kill
-            self._kill(self.current, self._marker)
-        try:
-            code = self.current.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            self._kill(self.current, run + "\0")
-            code = None
-        self.current = None
-        output.log(task_id)
-        if self.stopped:
-            return None
-        if code is None:
-            log_event("hook-timeout", task_id, logging.WARNING, seconds=self.timeout,
-                      note="killed", attempt=tries)
-            return None, "timed out after %g s" % self.timeout
-        log_event("hook-exit", task_id, logging.INFO if code == 0 else logging.WARNING,
-                  status=code, ms=int((time.monotonic() - started) * 1000), attempt=tries)
-        return code, None if code == 0 else "exit status %d" % code
-
-    def stop(self):
-        """Kill the running hook and all it started, at once: its run stays
-        pending and is done again at the next start."""
-        self.stopped = True
-        process = self.current
-        if process is not None:
-            self._kill(process, self._marker)
-
-    @staticmethod
-    def _kill(process, marker):
-        Platform.kill_group(process)
-        Platform.kill_marked(marker)        # what left the group (setsid)
-        with contextlib.suppress(OSError):
-            process.wait()
-
-
-class HookOutput:
-    """A hook's stdout and stderr (one pipe), read to its end by a thread of
-    its own so the hook never blocks on a full pipe. The first
-    HOOK_OUTPUT_BYTES are kept for the log, the rest only counted."""
-
-    def __init__(self, pipe):
-        self.pipe, self.kept, self.total = pipe, bytearray(), 0
-        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
-        self._thread.start()
-
-    def _read(self):
-        with self.pipe, contextlib.suppress(OSError, ValueError):
-            for chunk in iter(lambda: self.pipe.read1(65536), b""):
-                self.total += len(chunk)
-                self.kept += chunk[:max(0, HOOK_OUTPUT_BYTES - len(self.kept))]
-
-    def log(self, task_id, grace=1.0):
-        """Log what came, escaped, a line each (at most HOOK_OUTPUT_LINES).
-        The pipe may stay open after the hook ended, held by a process it
-        started: then only what came within grace is logged."""
-        self._thread.join(grace)
-        lines = bytes(self.kept).splitlines()[:HOOK_OUTPUT_LINES]
-        for line in lines:
-            log_event("hook-output", task_id, line=line.decode("utf-8", "replace"))
-        hidden = self.total - sum(len(line) + 1 for line in lines)
-        if hidden > 0:
-            log_event("hook-output", task_id, note="%d more bytes not shown" % hidden)
 
 
 class Fetch:

@@ -2005,6 +2005,29 @@ def test_success_after_failure_callback_downloads(start, cdn):
     assert wait_status(receiver.dir, "late", "done")["code"] == 200
 
 
+def test_a_task_that_ends_again_while_its_first_end_runs_gets_a_second_end(start, cdn, tmp_path):
+    # The failed task's hook is still running when a success callback
+    # reopens the task and its image is saved: the done task still gets its
+    # own task.json and hook run, and the first run's outcome does not
+    # stand for the second.
+    release = tmp_path / "release"
+    script, runs = counting_hook(tmp_path, (
+        "deadline = time.monotonic() + 30\n"
+        "while env['COVER_TASK_STATUS'] == 'failed' and not os.path.exists(%r) \\\n"
+        "        and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n" % str(release)))
+    receiver = start(*allow_loopback(), "--on-complete", script)
+    post(receiver.url, payload("twice", code=500, images=None))
+    wait_for(lambda: runs_of(runs, "twice") == [["1", "failed"]], what="the first hook run")
+    post(receiver.url, payload("twice", [cdn.route("/t.png", ok(PNG))]))
+    wait_status(receiver.dir, "twice", "done", written=False)
+    release.touch()
+    wait_for(lambda: runs_of(runs, "twice") == [["1", "failed"], ["1", "done"]],
+             what="the done task's hook run")
+    assert hook_of(receiver.dir, "twice", "done")["tries"] == 1
+    assert wait_status(receiver.dir, "twice", "done")["files"] == ["cover_1.png"]
+
+
 def open_flags(folder, task_id):
     with contextlib.closing(sqlite3.connect(os.path.join(folder, cr.DB_NAME))) as db:
         return db.execute("SELECT open, manifest FROM task WHERE task_id = ?",
