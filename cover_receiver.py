@@ -2621,13 +2621,11 @@ class Scheduler:
             with self.cond:
                 del self.running[item.key]
                 self.busy[item.kind] -= 1
-                if again is not None and self.keep_retries:
-                    item.due = self.clock.mono() + again
-                    item = self.follow.pop(item.key, item)
-                else:
-                    item = self.follow.pop(item.key, None)
-                if item is not None and not self.stopping:
-                    self._push(item)
+                follow = self.follow.pop(item.key, None)    # added while it ran: due first
+                if follow is None and again is not None and self.keep_retries:
+                    item.due, follow = self.clock.mono() + again, item
+                if follow is not None and not self.stopping:
+                    self._push(follow)
                 self.cond.notify_all()
 
     def start(self):
