@@ -1487,13 +1487,10 @@ class Store:
             return record
         return self.write(run)
 
-    def manifest_written(self, task_id):
-        """The task's task.json is written (inside write()); its record is as it was."""
-        row = self._writer.execute("SELECT status, hook FROM task WHERE task_id = ?",
-                                   (task_id,)).fetchone()
-        if row is not None:
-            self._writer.execute("UPDATE task SET manifest = 0, open = ? WHERE task_id = ?",
-                                 (is_open(*row, manifest=False), task_id))
+    def manifest_written(self, record):
+        """The record's task.json is written (inside write()); the record is as it was."""
+        self._writer.execute("UPDATE task SET manifest = 0, open = ? WHERE task_id = ?", (
+            is_open(record["status"], hook_state(record), False), record["taskId"]))
 
     def take_wakes(self):
         """The tasks commands changed, with their manifest flags, marked taken."""
@@ -2879,7 +2876,7 @@ class Pipeline:
         if record != ended:
             return None
         if outcome is None or hook_state(record) != PENDING:
-            self.store.manifest_written(item.task_id)
+            self.store.manifest_written(record)
             return None
         code, reason = outcome
         hook = record["hook"]
@@ -3324,11 +3321,8 @@ class Fetch:
         in_slices(lambda t: self.scheduler.wait_for(lambda k: k == key, t), left + BUSY_SECONDS)
         if task_id in self.results:
             return self.results[task_id]
-        left = max(0.0, self.deadline - time.monotonic())
-        if self.pipeline is not None:
-            in_slices(lambda t: self.scheduler.wait_for(lambda k: k[1] == task_id, t), left)
-        else:
-            wait_settled(self.store, task_id, images_settled, left)
+        wait_task(self.store, self.pipeline, task_id, images_settled,
+                  self.deadline - time.monotonic())
         return task_result(self.store, task_id)
 
     def poll(self, item):
@@ -3341,7 +3335,7 @@ class Fetch:
         item.tries = 0                  # an error after this waits from 1 s again
         state = record_state(data)
         if state in ("success", "failed"):
-            return self._deliver(item.task_id, data, state == "success")
+            return self._deliver(item, data, state == "success")
         said = data.get("successFlag", data.get("status"))
         if state is None:
             return self._end(item, "error", "unexpected task state %s" % escape(said, 30))
@@ -3366,19 +3360,20 @@ class Fetch:
         self.results[item.task_id] = (word, detail)
         return None
 
-    def _deliver(self, task_id, data, success):
+    def _deliver(self, item, data, success):
+        """The final answer, delivered; its result is read from the record
+        once its downloads are over (result())."""
         try:
-            callback = record_callback(task_id, data, success)
+            callback = record_callback(item.task_id, data, success)
             if self.pipeline is not None:
                 outcome, _ = self.pipeline.deliver(callback)
             else:
                 outcome, _ = accept(self.store, callback, wake=True)
         except BadCallback as exc:
-            self.results[task_id] = ("error", "API answer unusable: %s" % exc)
+            return self._end(item, "error", "API answer unusable: %s" % exc)
         except Unavailable as exc:
-            self.results[task_id] = ("error", str(exc))
-        else:
-            log_event(outcome, task_id, source="record-info")
+            return self._end(item, "error", str(exc))
+        log_event(outcome, item.task_id, source="record-info")
         return None
 
     def stop(self):
@@ -4523,21 +4518,30 @@ def run_retry(config, env):
 def wait_for_tasks(config, store, lock, task_ids, settled, left):
     """Up to --wait for each task to settle: worked here, once each, with
     this command's options when it holds the lock; else by serve."""
-    deadline = time.monotonic() + config.wait
+    deadline, pipeline = time.monotonic() + config.wait, None
     if lock is not None:
         pipeline = Pipeline(config, store, Metrics(), keep_retries=False)
         pipeline.start()
         for task_id in task_ids:
             pipeline.schedule(store.read(task_id), manifest=True)
-        for task_id in task_ids:
-            pipeline.scheduler.wait_for(lambda key: key[1] == task_id,
-                                        max(0.0, deadline - time.monotonic()))
-        pipeline.stop(0)
-        return
     for task_id in task_ids:
-        if not wait_settled(store, task_id, settled, deadline - time.monotonic()):
+        if not wait_task(store, pipeline, task_id, settled, deadline - time.monotonic()) \
+                and pipeline is None:
             left[task_id] = (PENDING, "handed to the running serve; not ended within "
                              "--wait %g s (status %s shows how it goes)" % (config.wait, task_id))
+    if pipeline is not None:
+        pipeline.stop(0)
+
+
+def wait_task(store, pipeline, task_id, settled, seconds):
+    """Whether the task's work is over within seconds: its items on this
+    process's pipeline, when the command owns <dir>; else serve's, whose
+    commits are read back until settled(record)."""
+    seconds = max(0.0, seconds)
+    if pipeline is not None:
+        return in_slices(lambda t: pipeline.scheduler.wait_for(
+            lambda key: key[1] == task_id, t), seconds)
+    return wait_settled(store, task_id, settled, seconds)
 
 
 def wait_settled(store, task_id, settled, seconds):
