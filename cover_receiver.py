@@ -677,56 +677,25 @@ OPTIONS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything the program needs, parsed and validated once by build_config()."""
-    command: str = "serve"
-    # Options (defaults live in OPTIONS; None where the command does not take it):
-    host: str = None
-    port: int = None
-    path: str = None
-    dir: str = None
-    workers: int = None
-    attempts: int = None
-    retry_for: float = None
-    max_backoff: float = None
-    timeout: float = None
-    min_rate: int = None
-    max_image_bytes: int = None
-    max_body_bytes: int = None
-    allow_host: tuple = ()
-    user_agent: str = None
-    tls_cert: str = None
-    tls_key: str = None
-    on_complete: tuple = None
-    hook_retry_for: float = None
-    hook: bool = False                  # retry --hook
-    all: bool = False                   # status --all
-    json: bool = False                  # status --json
-    drain_seconds: float = None
-    max_connections: int = None
-    request_timeout: float = None
-    trusted_proxy: tuple = ()
-    api_base: str = None
-    recover_after: float = None
-    interval: float = None
-    confirm: bool = False
-    parent: str = None
-    callback_url: str = None
-    wait: float = None
-    log_format: str = "text"
-    # Read from files or the environment, never argv:
-    hmac_key: bytes = None
-    token: str = None
-    api_key: str = None
-    task_ids: tuple = ()
-    # Not on the command line: seams the tests turn down so they need no sleeps.
-    api_gap: float = API_GAP
-    backoff_base: float = 1.0
-    hook_timeout: float = HOOK_TIMEOUT
+def config_field(opt):
+    """Config's field for an option: its name with - as _, and a --*-file
+    option's field holding the secret read from it (--token-file: token)."""
+    name = opt.name.replace("-", "_")
+    return name[:-len("_file")] if name.endswith("_file") else name
 
-    def __repr__(self):      # keep secrets out of any accidental print
-        return "Config(command=%r, dir=%r, port=%r)" % (self.command, self.dir, self.port)
+
+# Everything the program needs, parsed and validated once by build_config(): a
+# field per option of OPTIONS (None where the command does not take it), the
+# commands' own arguments and flags, and seams the tests turn down so they need
+# no sleeps. Its repr keeps secrets out of any accidental print.
+Config = dataclasses.make_dataclass("Config", [
+    (config_field(opt), object, dataclasses.field(default=() if opt.repeat else None))
+    for opt in OPTIONS] + [
+    ("command", str, "serve"), ("task_ids", tuple, ()), ("hook", bool, False),
+    ("all", bool, False), ("json", bool, False), ("api_gap", float, API_GAP),
+    ("backoff_base", float, 1.0), ("hook_timeout", float, HOOK_TIMEOUT)],
+    frozen=True, namespace={"__repr__": lambda self: "Config(command=%r, dir=%r, port=%r)" % (
+        self.command, self.dir, self.port)})
 
 
 class ArgumentParser(argparse.ArgumentParser):
