@@ -541,7 +541,7 @@ def throughput(work, label, count, size, target, workers=4):
 
 def catch_up(work, tasks, size, workers=4):
     """The restart after an outage: `tasks` pending tasks of 2 images already
-    in --dir (the receiver's own records and pending marks), timed from the
+    in --dir (the receiver's own database rows), timed from the
     receiver's start until none is pending, against the loop on the same images."""
     def receiver_rate(run, urls):
         folder = build_pending(os.path.join(work, "catchup-%d" % run), urls)
@@ -568,8 +568,10 @@ def against_loop(work, label, count, size, receiver_rate, runs=2, hold=None):
     ours, loop = [], []
     try:
         for run in range(runs):
+            settle_disk()       # neither side pays for the other's writeback (bench/README)
             loop.append(loop_rate(os.path.join(work, "%s-baseline-%d" % (label, run)), urls,
                                   size))
+            settle_disk()
             ours.append(receiver_rate(run, urls))
     finally:
         cdn.stop()
