@@ -4392,13 +4392,12 @@ def run_fetch(config, env):
         return 130
     finally:
         fetch.stop()
-        end_session(None, lock)
+        end_session(lock)
     return 1 if words & {"failed", "error", CORRUPT} else 3 if "pending" in words else 0
 
 
-def end_session(pipeline, lock):
-    if pipeline is not None:
-        pipeline.stop(0)
+def end_session(lock):
+    """A command's end: the lock on <dir> released, when it held it."""
     if lock is not None:
         lock.release()
 
@@ -4418,7 +4417,7 @@ def run_expect(config, env):
             print("%s %s" % (task_id, "expected" if created else "known: %s, left as it is"
                              % record["status"]), flush=True)
     finally:
-        end_session(None, lock)
+        end_session(lock)
     return 1 if failed else 0
 
 
@@ -4446,7 +4445,7 @@ def run_generate(config, env):
                                if existed else ""), flush=True)
             log_event("generated", cover, parent=music_task_id, existed="yes" if existed else "no")
     finally:
-        end_session(None, lock)
+        end_session(lock)
     return 1 if refused else 0
 
 
@@ -4476,7 +4475,7 @@ def run_retry(config, env):
         settled = hook_settled if config.hook else images_settled
         wait_for_tasks(config, store, lock, [t for t in task_ids if t not in left], settled, left)
     finally:
-        end_session(None, lock)
+        end_session(lock)
     if config.hook:
         words = [print_hook_line(store, task_id) for task_id in task_ids]
     else:
@@ -4510,12 +4509,6 @@ def wait_task(store, pipeline, task_id, settled, seconds):
     if pipeline is not None:
         return in_slices(lambda t: pipeline.scheduler.wait_for(
             lambda key: key[1] == task_id, t), seconds)
-    return wait_settled(store, task_id, settled, seconds)
-
-
-def wait_settled(store, task_id, settled, seconds):
-    """Whether settled(the task's record) came true within seconds (the
-    work is serve's: its commits are read back)."""
     deadline = time.monotonic() + seconds
     while not settled(store.read(task_id)):
         if time.monotonic() >= deadline:
